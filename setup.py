@@ -1,0 +1,41 @@
+"""Packaging for oreo_fast.
+
+The Triton kernels live in the top-level ``kernels/`` folder of the repository but are
+installed as ``oreo_fast.kernels``: a top-level module named ``kernels`` would shadow
+Hugging Face's ``kernels`` package.
+"""
+from setuptools import find_packages, setup
+
+setup(
+    name="oreo_fast",
+    version="0.1.0",
+    description="Fast, faithful OREO (Offline REasoning Optimization) training with fused Triton kernels",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["oreo_fast", "oreo_fast.*"]) + ["oreo_fast.kernels"],
+    package_dir={"oreo_fast.kernels": "kernels"},
+    # torch is not pinned here: on CPU machines install the CPU wheel first
+    # (`pip install torch==2.13.0`), otherwise pip resolves the multi-GB CUDA build.
+    install_requires=[
+        "torch>=2.4",
+        "triton>=3.0; platform_system == 'Linux'",
+        "numpy",
+        "transformers>=4.45",
+        "tokenizers>=0.20",
+        "safetensors>=0.4",
+        "tqdm",
+        "math-verify>=0.7",
+    ],
+    extras_require={
+        "dev": [
+            "pytest>=8",
+            "pytest-benchmark>=4",
+            "hypothesis>=6",
+            "liger-kernel>=0.5",
+            "matplotlib",
+        ],
+        "flash": ["flash-attn>=2.6"],
+    },
+    entry_points={"console_scripts": ["oreo-fast = oreo_fast.cli:main"]},
+)
