@@ -288,6 +288,18 @@ def _chunk_rows_backward(impl, z, r, actions, lse, ref_lse, kl, g_logp, g_kl, bl
     return rows_backward_torch(z, r, actions, lse, ref_lse, kl, g_logp, g_kl).to(z.dtype)
 
 
+def accumulate_weight_grad(acc: torch.Tensor, grad_z: torch.Tensor, h: torch.Tensor,
+                           vocab_slice: int = 16384):
+    """acc += grad_z.T @ h. A float32 accumulator of half-precision products goes through
+    vocabulary slices, so the temporary is vocab_slice x H rather than a whole V x H."""
+    if acc.dtype == grad_z.dtype:
+        acc.addmm_(grad_z.t(), h)
+        return
+    for start in range(0, acc.shape[0], vocab_slice):
+        stop = start + vocab_slice
+        acc[start:stop] += (grad_z[:, start:stop].t() @ h).to(acc.dtype)
+
+
 class _HiddenLevel(torch.autograd.Function):
     """Chunks over the masked-in tokens; only chunk_rows x V logits exist at a time."""
 
@@ -337,7 +349,7 @@ class _HiddenLevel(torch.autograd.Function):
                 grad_logp[b, t], g_kl, ctx.block_v,
             )
             grad_hidden[b, t] = grad_z @ weight
-            grad_weight += (grad_z.t() @ h).to(acc_dtype)
+            accumulate_weight_grad(grad_weight, grad_z, h)
         return (grad_hidden, grad_weight.to(weight.dtype),
                 None, None, None, None, None, None, None, None)
 

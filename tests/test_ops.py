@@ -240,3 +240,16 @@ def test_bad_impl_and_fused_shapes():
     with pytest.raises(ValueError, match="chunk_rows"):
         ops.fused_linear_token_logprobs_kl(hidden, weight, ref_hidden, ref_weight, actions, mask,
                                            impl="torch", chunk_rows=0)
+
+
+def test_weight_grad_accumulates_in_float32_by_vocab_slices():
+    g = torch.Generator().manual_seed(0)
+    grad_z = torch.randn(6, 45, generator=g).to(torch.bfloat16)
+    h = torch.randn(6, 4, generator=g).to(torch.bfloat16)
+    acc = torch.ones(45, 4)
+    ops.accumulate_weight_grad(acc, grad_z, h, vocab_slice=16)  # 45 = 16 + 16 + 13
+    expected = 1 + grad_z.float().t() @ h.float()
+    torch.testing.assert_close(acc, expected, rtol=1e-2, atol=1e-2)
+    acc64 = torch.zeros(45, 4, dtype=F64)
+    ops.accumulate_weight_grad(acc64, grad_z.double(), h.double())
+    torch.testing.assert_close(acc64, grad_z.double().t() @ h.double())
