@@ -1,0 +1,1 @@
+"""Op benchmarks of oreo_fast (pytest-benchmark; not part of ``make test``). See README.md."""

@@ -1,0 +1,197 @@
+"""The results JSON of a benchmark run: environment, shape, per-provider numbers, ratios
+against the paper recipe (a) of the same group, and the issue's targets.
+
+    python -m benchmarks.report benchmarks/results/<file>.json   # print the table again
+"""
+from __future__ import annotations
+
+import datetime
+import importlib.metadata
+import json
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from benchmarks import providers
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def _version(package: str) -> str | None:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _git_commit() -> str | None:
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True,
+                                text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return commit
+
+
+def environment(device: torch.device) -> dict:
+    usable_cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
+    env = {
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_model(),
+        "cpu_model": _cpu_model(),
+        "cpu_cores": os.cpu_count(),
+        "cpu_cores_usable": usable_cores,
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "versions": {name: _version(name) for name in (
+            "torch", "triton", "liger-kernel", "pytest-benchmark", "oreo_fast")},
+        "git_commit": _git_commit(),
+    }
+    if device.type == "cuda":
+        env["cuda"] = torch.version.cuda
+    return env
+
+
+def _ratios(results: dict):
+    """speedup = (a)'s time / this time; memory_reduction = (a)'s extra peak / this one."""
+    for name, entry in results.items():
+        base_name = providers.BASELINE.get(entry.get("level"))
+        base = results.get(base_name, {})
+        if entry.get("status") != "ok" or base.get("status") != "ok":
+            continue
+        entry["baseline"] = base_name
+        if entry.get("median_ms") and base.get("median_ms"):
+            entry["speedup_vs_baseline"] = base["median_ms"] / entry["median_ms"]
+        mine, theirs = entry.get("extra_peak_mib"), base.get("extra_peak_mib")
+        if mine and theirs:
+            entry["memory_reduction_vs_baseline"] = theirs / mine
+            entry["extra_peak_fraction_of_baseline"] = mine / theirs
+
+
+def _targets(results: dict, device: torch.device, shape_name: str) -> dict:
+    """The issue's targets that this run can judge (None: not measured in this run)."""
+    def get(name, key):
+        entry = results.get(name, {})
+        return entry.get(key) if entry.get("status") == "ok" else None
+
+    def check(value, predicate):
+        return None if value is None else bool(predicate(value))
+
+    fused_ms, paper_ms = get("ours_fused", "median_ms"), get("paper", "median_ms")
+    fused_mem = get("ours_fused", "extra_peak_mib")
+    if device.type == "cpu" and shape_name == "cpu":
+        fraction = get("ours_fused", "extra_peak_fraction_of_baseline")
+        speedup = get("ours_fused", "speedup_vs_baseline")
+        return {
+            "cpu_fused_extra_peak_at_most_quarter_of_paper": check(fraction, lambda f: f <= 0.25),
+            "cpu_fused_not_slower_than_paper": check(speedup, lambda s: s >= 1.0),
+        }
+    if device.type == "cuda" and shape_name == "gpu":
+        liger_ms = get("liger", "median_ms")
+        targets = {
+            "gpu_fused_at_most_35_ms": check(fused_ms, lambda ms: ms <= 35.0),
+            "gpu_fused_extra_peak_at_most_1.5_GB": check(
+                fused_mem, lambda mib: mib * 2**20 <= 1.5e9),
+            "gpu_logits_at_most_5.2_ms": check(get("ours_logits", "median_ms"),
+                                               lambda ms: ms <= 5.2),
+            "gpu_fused_faster_than_liger": (None if fused_ms is None or liger_ms is None
+                                            else fused_ms < liger_ms),
+        }
+        for name in ("ours_fused", "ours_logits"):
+            targets[f"gpu_{name}_4x_faster_than_paper"] = check(
+                get(name, "speedup_vs_baseline"), lambda s: s >= 4.0)
+            targets[f"gpu_{name}_5x_less_memory_than_paper"] = check(
+                get(name, "memory_reduction_vs_baseline"), lambda r: r >= 5.0)
+        del paper_ms
+        return targets
+    return {}
+
+
+def build_report(results: dict, device: torch.device, shape_name: str, rounds: int,
+                 warmup_rounds: int) -> dict:
+    shape = providers.SHAPES[shape_name]
+    results = {name: dict(entry) for name, entry in results.items()}
+    _ratios(results)
+    return {
+        "benchmark": "oreo_fast ops: per-token logp, ref logp and full-vocab KL, forward+backward",
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "environment": environment(device),
+        "shape_name": shape_name,
+        "shape": {"tokens": shape.tokens, "batch": shape.batch, "seq": shape.seq,
+                  "vocab": shape.vocab, "hidden": shape.hidden, "dtype": shape.dtype},
+        "timing": {"what": "median of pytest-benchmark rounds of one forward+backward, ms",
+                   "rounds": rounds,
+                   "warmup_rounds": warmup_rounds, "note": "plus the untimed checked step"},
+        "memory": {"what": "extra peak in MiB: peak during one forward+backward minus what was "
+                           "allocated/resident just before it (inputs, warm-up done), measured "
+                           "in a fresh subprocess; see benchmarks/runner.py"},
+        "loss": "sum_t revcumsum(logp - ref_logp)_t * g1_t + g2 * sum_t KL_t, g1 ~ N(0,1), "
+                f"g2 = {providers.KL_WEIGHT}",
+        "providers": results,
+        "targets": _targets(results, device, shape_name),
+    }
+
+
+def write_report(report: dict, directory: Path = RESULTS_DIR) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    env = report["environment"]
+    kind = "cuda" if env["device"].startswith("cuda") else "cpu"
+    shape = providers.SHAPES[report["shape_name"]].slug
+    day = report["date"][:10]
+    path = directory / f"ops_{kind}_{shape}_{day}.json"
+    path.write_text(json.dumps(report, indent=2, sort_keys=False) + "\n")
+    return path
+
+
+def format_table(report: dict) -> str:
+    env, shape = report["environment"], report["shape"]
+    lines = [
+        f"{env['device_name']} ({env['device']}), N={shape['tokens']} V={shape['vocab']} "
+        f"H={shape['hidden']} {shape['dtype']}",
+        "| provider | fwd+bwd ms (median) | extra peak MiB | speedup vs (a) | extra peak / (a) | status |",
+        "|---|---:|---:|---:|---:|---|",
+    ]
+    for name, entry in report["providers"].items():
+        def num(key, fmt):
+            value = entry.get(key)
+            return format(value, fmt) if value is not None else "-"
+
+        status = entry.get("status", "?")
+        if status != "ok":
+            status = f"{status}: {entry.get('reason', '')}"[:120]
+        lines.append(
+            f"| {name} | {num('median_ms', '.1f')} | {num('extra_peak_mib', '.0f')} | "
+            f"{num('speedup_vs_baseline', '.2f')}x | "
+            f"{num('extra_peak_fraction_of_baseline', '.3f')} | {status} |"
+        )
+    for target, met in report.get("targets", {}).items():
+        lines.append(f"target {target}: {'met' if met else 'NOT met' if met is False else 'n/a'}")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    for path in argv:
+        print(path)
+        print(format_table(json.loads(Path(path).read_text())))
+
+
+if __name__ == "__main__":
+    main()
