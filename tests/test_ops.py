@@ -253,3 +253,22 @@ def test_weight_grad_accumulates_in_float32_by_vocab_slices():
     acc64 = torch.zeros(45, 4, dtype=F64)
     ops.accumulate_weight_grad(acc64, grad_z.double(), h.double())
     torch.testing.assert_close(acc64, grad_z.double().t() @ h.double())
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_rows_beyond_int32_offsets(impl):
+    """A row that starts past 2**31 elements (N * V > 2**31 in a real batch). The storage is
+    allocated but never touched beyond the two rows, so it costs almost no memory."""
+    V = 33
+    storage = torch.empty(2**31 + 2 * V, dtype=torch.bfloat16)
+    logits = storage.as_strided((2, 1, V), (2**31, V, 1))
+    g = torch.Generator().manual_seed(0)
+    logits.copy_(torch.randn(2, 1, V, generator=g).to(torch.bfloat16))
+    ref = torch.randn(2, 1, V, generator=g).to(torch.bfloat16)
+    actions = torch.tensor([[3], [30]])
+    mask = torch.ones(2, 1, dtype=torch.bool)
+    got = ops.token_logprobs_kl(logits, ref, actions, mask, impl=impl, block_v=16)
+    expected = ops.token_logprobs_kl(logits.contiguous(), ref, actions, mask, impl="reference")
+    for x, y in zip(got, expected):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5)
+    del storage
