@@ -1,0 +1,190 @@
+"""Policy and value models: creation of the tiny default, loading and saving.
+
+Every model is a local Hugging Face checkpoint folder (safetensors weights, config.json and
+the tokenizer files), loaded through the Auto classes, so the embedded tiny Qwen2 and a real
+Qwen2.5-Math-1.5B go through the same code. ``trust_remote_code`` is off unless asked for.
+
+The value model is the policy's decoder without its LM head (``AutoModel``) plus a scalar
+head ``Linear(hidden, 1, bias=False)``, zero-initialised, on the final-norm hidden state:
+``values[b, t]`` is V of the prefix up to and including token t. A saved value model is the
+backbone's own checkpoint plus ``value_head.safetensors``, and config.json gains an
+``oreo_value_model`` entry naming the base architecture.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from oreo_fast.jsonl import atomic_dir
+
+VALUE_HEAD_FILE = "value_head.safetensors"
+VALUE_CONFIG_KEY = "oreo_value_model"
+
+
+@dataclass
+class TinyModelConfig:
+    """Size of the embedded default's Qwen2 model."""
+
+    hidden_size: int = 128
+    intermediate_size: int = 384
+    num_hidden_layers: int = 4
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+    max_position_embeddings: int = 512
+    tie_word_embeddings: bool = True
+    seed: int = 0
+
+
+def _dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    return {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+            "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}[dtype]
+
+
+def build_tiny_model(tokenizer, cfg: TinyModelConfig | None = None):
+    """A randomly initialised Qwen2 causal LM sized for ``tokenizer``."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    cfg = cfg or TinyModelConfig()
+    config = Qwen2Config(
+        vocab_size=len(tokenizer),
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_hidden_layers,
+        num_attention_heads=cfg.num_attention_heads,
+        num_key_value_heads=cfg.num_key_value_heads,
+        max_position_embeddings=cfg.max_position_embeddings,
+        tie_word_embeddings=cfg.tie_word_embeddings,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        use_sliding_window=False,
+    )
+    torch.manual_seed(cfg.seed)
+    model = Qwen2ForCausalLM(config)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model.eval()
+
+
+def load_policy(path: str | os.PathLike, dtype: str | torch.dtype | None = "float32",
+                trust_remote_code: bool = False, attn_implementation: str = "sdpa"):
+    """Any local causal-LM checkpoint folder (the policy, or the frozen reference)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(
+        str(path), dtype=_dtype(dtype), trust_remote_code=trust_remote_code,
+        attn_implementation=attn_implementation)
+    return model.eval()
+
+
+def save_checkpoint(model, tokenizer, out_dir: str | os.PathLike,
+                    extra_files: dict[str, Any] | None = None) -> Path:
+    """Save ``model`` (safetensors) and ``tokenizer`` as one folder, atomically: the folder
+    appears complete or not at all. ``extra_files`` maps file names to JSON-able objects."""
+    out_dir = Path(out_dir)
+    with atomic_dir(out_dir) as tmp:
+        model.save_pretrained(str(tmp), safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
+        for name, obj in (extra_files or {}).items():
+            (tmp / name).write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
+    return out_dir
+
+
+@dataclass
+class ValueOutput:
+    values: torch.Tensor  # [B, L] float32, V of each prefix
+    hidden_states: torch.Tensor  # [B, L, H] the final-norm hidden states
+    past_key_values: Any = None  # the backbone's cache when use_cache=True
+
+
+class ValueModel(nn.Module):
+    """Causal-LM backbone + zero-initialised scalar head on the final-norm hidden state."""
+
+    def __init__(self, backbone: nn.Module, base_info: dict | None = None):
+        super().__init__()
+        self.backbone = backbone
+        hidden = backbone.config.hidden_size
+        self.value_head = nn.Linear(hidden, 1, bias=False, dtype=backbone.dtype)
+        nn.init.zeros_(self.value_head.weight)
+        self.base_info = dict(base_info or {})
+
+    @property
+    def config(self):
+        return self.backbone.config
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, dtype: str | torch.dtype | None = "float32",
+                        trust_remote_code: bool = False, attn_implementation: str = "sdpa"):
+        """From a saved value model (head restored) or from any causal-LM checkpoint such as
+        the policy (its decoder, a fresh zero head)."""
+        from safetensors.torch import load_file
+        from transformers import AutoModel
+
+        path = Path(path)
+        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+        saved = config.get(VALUE_CONFIG_KEY)
+        backbone = AutoModel.from_pretrained(
+            str(path), dtype=_dtype(dtype), trust_remote_code=trust_remote_code,
+            attn_implementation=attn_implementation)
+        if saved is None:
+            base_info = {"base_model_type": config.get("model_type"),
+                         "base_architectures": config.get("architectures") or []}
+        else:
+            base_info = {k: saved[k] for k in ("base_model_type", "base_architectures")}
+        model = cls(backbone, base_info)
+        if saved is not None:
+            head = load_file(str(path / saved.get("head", VALUE_HEAD_FILE)))
+            model.value_head.load_state_dict(
+                {"weight": head["weight"].to(model.value_head.weight.dtype)})
+        return model.eval()
+
+    def save_pretrained(self, out_dir: str | os.PathLike, tokenizer=None) -> Path:
+        """Backbone checkpoint + ``value_head.safetensors`` + tokenizer, written atomically."""
+        from safetensors.torch import save_file
+
+        out_dir = Path(out_dir)
+        with atomic_dir(out_dir) as tmp:
+            self.backbone.save_pretrained(str(tmp), safe_serialization=True)
+            save_file({"weight": self.value_head.weight.detach().contiguous().cpu()},
+                      str(tmp / VALUE_HEAD_FILE))
+            config_path = tmp / "config.json"
+            config = json.loads(config_path.read_text(encoding="utf-8"))
+            config[VALUE_CONFIG_KEY] = {"head": VALUE_HEAD_FILE, "format_version": 1,
+                                        **self.base_info}
+            config_path.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+            if tokenizer is not None:
+                tokenizer.save_pretrained(str(tmp))
+        return out_dir
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, past_key_values=None,
+                use_cache: bool = False) -> ValueOutput:
+        out = self.backbone(input_ids=input_ids, attention_mask=attention_mask,
+                            position_ids=position_ids, past_key_values=past_key_values,
+                            use_cache=use_cache)
+        hidden = out.last_hidden_state
+        values = self.value_head(hidden).squeeze(-1).float()
+        return ValueOutput(values, hidden, out.past_key_values if use_cache else None)
+
+
+def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor,
+                                                               torch.Tensor]:
+    """Left-pad token lists: (input_ids, attention_mask, position_ids), positions counting
+    from 0 at each sequence's first real token."""
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for i, s in enumerate(sequences):
+        if s:
+            ids[i, width - len(s):] = torch.tensor(s, dtype=torch.long)
+            mask[i, width - len(s):] = 1
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    return ids, mask, positions
