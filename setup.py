@@ -26,6 +26,7 @@ setup(
         "safetensors>=0.4",
         "tqdm",
         "math-verify>=0.7",
+        "matplotlib",
     ],
     extras_require={
         "dev": [
@@ -33,7 +34,6 @@ setup(
             "pytest-benchmark>=4",
             "hypothesis>=6",
             "liger-kernel>=0.5",
-            "matplotlib",
         ],
         "flash": ["flash-attn>=2.6"],
     },
