@@ -6,6 +6,7 @@ against the paper recipe (a) of the same group, and the issue's targets.
 from __future__ import annotations
 
 import datetime
+import hashlib
 import importlib.metadata
 import json
 import os
@@ -40,13 +41,24 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def _git_commit() -> str | None:
+def _git(*args: str) -> str | None:
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True,
-                                text=True, check=True).stdout.strip()
+        return subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True,
+                              check=True).stdout
     except (OSError, subprocess.CalledProcessError):
         return None
-    return commit
+
+
+def _code_state() -> dict:
+    """The commit measured, and whether the library code differed from it (a benchmark of
+    uncommitted code is identified by the hash of its diff)."""
+    commit = _git("rev-parse", "HEAD")
+    diff = _git("diff", "HEAD", "--", "oreo_fast", "kernels") or ""
+    return {
+        "git_commit": commit.strip() if commit else None,
+        "library_uncommitted_changes": bool(diff),
+        "library_diff_sha256": hashlib.sha256(diff.encode()).hexdigest() if diff else None,
+    }
 
 
 def environment(device: torch.device) -> dict:
@@ -62,7 +74,7 @@ def environment(device: torch.device) -> dict:
         "platform": platform.platform(),
         "versions": {name: _version(name) for name in (
             "torch", "triton", "liger-kernel", "pytest-benchmark", "oreo_fast")},
-        "git_commit": _git_commit(),
+        **_code_state(),
     }
     if device.type == "cuda":
         env["cuda"] = torch.version.cuda

@@ -5,7 +5,8 @@
 "Extra peak" is the peak during one forward+backward minus what was resident just before it,
 after the inputs exist and a warm-up step has run (so torch.compile's compilation, lazy
 library loading and one-off caches are not counted; the gradients of the trainable inputs are).
-Eager providers warm up on the small shape, compiled ones at the measured shape.
+On CPU eager providers warm up on the small shape; compiled ones, and all on CUDA, at the
+measured shape.
 - CUDA: torch.cuda.max_memory_allocated() minus torch.cuda.memory_allocated().
 - CPU: the kernel's resident-set high-water mark (VmHWM) minus VmRSS, with the mark reset by
   writing 5 to /proc/self/clear_refs just before the step. Where that reset is not allowed the
@@ -53,16 +54,17 @@ def measure(provider_name: str, shape_name: str, device: torch.device, time_roun
     if reason:
         return {**result, "status": "skipped", "reason": reason}
 
-    if not provider.compiles:
-        # eager: warm up (lazy imports, library init, thread pools) on the small shape, which is
+    warm_at_measured_shape = provider.compiles or device.type == "cuda"
+    if not warm_at_measured_shape:
+        # eager on CPU: warm up (lazy imports, library init, thread pools) on the small shape,
         # seconds cheaper than a step at the measured one
         small = providers.make_inputs(providers.SHAPES["small"], device, provider.level)
         provider.make_step(small, device)()
         del small
     inputs = providers.make_inputs(shape, device, provider.level)
     step = provider.make_step(inputs, device)
-    if provider.compiles:
-        step()  # compilation is for this shape
+    if warm_at_measured_shape:
+        step()  # compilation, Triton autotuning and cuBLAS heuristics are per shape
         providers.clear_grads(inputs)
     gc.collect()
     mib = 2**20
