@@ -39,6 +39,7 @@ class TrainConfig:
 
     # optimisation
     epochs: int = 1
+    max_steps: int = 0  # stop after this many optimizer steps (0: all); the schedule spans all
     global_batch_size: int = 128  # sequences per optimizer step, over all ranks
     micro_batch_size: int = 8  # sequences per forward on one rank
     policy_lr: float = 5e-6
@@ -57,7 +58,9 @@ class TrainConfig:
     liger: bool = False  # Liger-Kernel patches (RMSNorm, RoPE, SwiGLU) when installed
     attn_implementation: str = "auto"  # "auto": flash_attention_2 when installed, else sdpa
     log_every: int = 1
-    save_every: int = 0  # optimizer steps between trainer checkpoints; 0 = only at the end
+    save_every: int = 0  # optimizer steps between checkpoints (output_dir/checkpoints); 0 = none
+    keep_checkpoints: int = 2  # the newest N checkpoints are kept
+    resume: bool = False  # continue from the newest complete checkpoint in output_dir
     progress: bool = True
     tensorboard: bool = False
     wandb: bool = False
@@ -88,8 +91,12 @@ class TrainConfig:
                 bad(key, "must be >= 1")
         if self.max_length < 2:
             bad("max_length", "must be >= 2")
+        if self.max_steps < 0:
+            bad("max_steps", "must be >= 0")
         if self.save_every < 0:
             bad("save_every", "must be >= 0")
+        if self.keep_checkpoints < 1:
+            bad("keep_checkpoints", "must be >= 1")
         if not 0 <= self.warmup_ratio < 1:
             bad("warmup_ratio", "must be in [0, 1)")
         if not all(0 <= b < 1 for b in self.adam_betas):

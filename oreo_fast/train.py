@@ -27,10 +27,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from oreo_fast import ops, reference
+from oreo_fast import checkpoint, ops, reference
 from oreo_fast.config import TrainConfig, load_config, save_config
 from oreo_fast.data import collate, plan_global_batches, rank_micro_batches, read_trajectories
-from oreo_fast.jsonl import atomic_open
+from oreo_fast.jsonl import atomic_dir, atomic_open
 from oreo_fast.models import ValueModel, load_policy
 from oreo_fast.tokenizer import load_tokenizer
 
@@ -169,13 +169,17 @@ class Trainer:
         master, compute = self._dtypes()
         kw = dict(dtype=master, trust_remote_code=cfg.trust_remote_code,
                   attn_implementation=self._attn())
-        policy = load_policy(cfg.policy, **kw)
+        found = checkpoint.list_checkpoints(self.output_dir / "checkpoints") if cfg.resume else []
+        self.resume_from = found[-1][1] if found else None
+        policy_init = self.resume_from / "policy" if self.resume_from else cfg.policy
+        value_init = self.resume_from / "value" if self.resume_from else (cfg.value or cfg.policy)
+        policy = load_policy(policy_init, **kw)
         self.policy = PolicyWithLoss(policy)
         self.oreo = cfg.algorithm == "oreo"
         if self.oreo:
             reference_model = load_policy(cfg.reference or cfg.policy, **{**kw, "dtype": compute})
             reference_model.requires_grad_(False)
-            value_model = ValueModel.from_pretrained(cfg.value or cfg.policy, **kw)
+            value_model = ValueModel.from_pretrained(value_init, **kw)
             for name, other in (("reference", reference_model.config),
                                 ("value", value_model.config)):
                 if other.vocab_size != policy.config.vocab_size:
@@ -221,6 +225,9 @@ class Trainer:
         factor = cosine_with_warmup(self.total_steps, cfg.warmup_ratio, cfg.min_lr_ratio)
         self.schedulers = [torch.optim.lr_scheduler.LambdaLR(o, factor) for o in self.optimizers]
         self.step = 0
+        self.history: list[dict] = []
+        if self.resume_from is not None:
+            self._load_trainer_state(self.resume_from / checkpoint.STATE_DIR)
 
     def _modules(self):
         return [self.policy] + ([self.reference, self.value] if self.oreo else [])
@@ -321,16 +328,24 @@ class Trainer:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.output_dir / "config.json")
         metrics_path = self.output_dir / "metrics.jsonl"
-        history = []
+        history = self.history
         bar = None
         if self.rank == 0 and cfg.progress:
             from tqdm import tqdm
 
-            bar = tqdm(total=self.total_steps, desc=f"{cfg.algorithm} train", dynamic_ncols=True)
+            bar = tqdm(total=self.total_steps, initial=self.step, desc=f"{cfg.algorithm} train",
+                       dynamic_ncols=True)
         start = time.time()
+        done = self.step  # global batches already trained (a resumed run skips them)
+        seen = 0
         for epoch in range(cfg.epochs):
             for batch_indices in plan_global_batches(len(self.examples), cfg.global_batch_size,
                                                      cfg.seed, epoch):
+                seen += 1
+                if seen <= done:
+                    continue
+                if cfg.max_steps and self.step >= cfg.max_steps:
+                    break
                 t0 = time.time()
                 values = self.train_step(batch_indices)
                 elapsed = time.time() - t0
@@ -343,7 +358,7 @@ class Trainer:
                     bar.set_postfix(loss=f"{values['loss']:.4f}",
                                     tok_s=f"{values['tokens_per_second']:.0f}")
                 if cfg.save_every and self.step % cfg.save_every == 0:
-                    self.save(self.output_dir / f"step-{self.step}")
+                    self.save_checkpoint()
         if bar is not None:
             bar.close()
         if self.rank == 0:
@@ -373,25 +388,76 @@ class Trainer:
         return get_model_state_dict(module, options=StateDictOptions(full_state_dict=True,
                                                                      cpu_offload=True))
 
+    def _full_optimizer_state(self, module, optimizer) -> dict:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        options = StateDictOptions(full_state_dict=self.use_fsdp, cpu_offload=self.use_fsdp)
+        return get_optimizer_state_dict(module, optimizer, options=options)
+
+    def _trained_modules(self):
+        return [self.policy] + ([self.value] if self.oreo else [])
+
+    def _write_models(self, out_dir: Path, policy_state: dict, value_state: dict | None):
+        from oreo_fast.models import save_checkpoint
+
+        cfg = self.config
+        policy = load_policy(cfg.policy, dtype=torch.float32, trust_remote_code=cfg.trust_remote_code)
+        policy.load_state_dict({k.removeprefix("model."): v for k, v in policy_state.items()})
+        save_checkpoint(policy, self.tokenizer, out_dir / "policy")
+        if value_state is not None:
+            value = ValueModel.from_pretrained(cfg.value or cfg.policy, dtype=torch.float32,
+                                               trust_remote_code=cfg.trust_remote_code)
+            value.load_state_dict({k.removeprefix("value_model."): v
+                                   for k, v in value_state.items()})
+            value.save_pretrained(out_dir / "value", tokenizer=self.tokenizer)
+
     def save(self, out_dir: Path):
         """Policy and value as Hugging Face folders (safetensors), written atomically."""
         policy_state = self._full_state(self.policy)
         value_state = self._full_state(self.value) if self.oreo else None
         if self.rank == 0:
-            from oreo_fast.models import save_checkpoint
-
-            policy = load_policy(self.config.policy, dtype=torch.float32,
-                                 trust_remote_code=self.config.trust_remote_code)
-            policy.load_state_dict({k.removeprefix("model."): v for k, v in policy_state.items()})
-            save_checkpoint(policy, self.tokenizer, out_dir / "policy")
-            if self.oreo:
-                value = ValueModel.from_pretrained(self.config.value or self.config.policy,
-                                                   dtype=torch.float32)
-                value.load_state_dict({k.removeprefix("value_model."): v
-                                       for k, v in value_state.items()})
-                value.save_pretrained(out_dir / "value", tokenizer=self.tokenizer)
+            self._write_models(out_dir, policy_state, value_state)
         if self.use_fsdp:
             dist.barrier()
+
+    def save_checkpoint(self) -> None:
+        """output_dir/checkpoints/step-N: models, optimizer and scheduler states, the step and
+        the metrics so far; atomic, the newest ``keep_checkpoints`` kept."""
+        states = [self._full_state(m) for m in self._trained_modules()]
+        optimizer_states = [self._full_optimizer_state(m, o)
+                            for m, o in zip(self._trained_modules(), self.optimizers)]
+        if self.rank == 0:
+            root = self.output_dir / "checkpoints"
+            tensors, optimizer_meta = {"rng::torch": torch.get_rng_state()}, []
+            for i, state in enumerate(optimizer_states):
+                t, meta = checkpoint.flatten_optimizer_state(state)
+                tensors.update({f"optimizer{i}::{k}": v for k, v in t.items()})
+                optimizer_meta.append(meta)
+            schedulers = [{k: v for k, v in s.state_dict().items() if k != "lr_lambdas"}
+                          for s in self.schedulers]
+            meta = {"step": self.step, "optimizers": optimizer_meta, "schedulers": schedulers,
+                    "history": self.history, "world_size": self.world_size}
+            with atomic_dir(root / f"step-{self.step}") as tmp:
+                self._write_models(tmp, states[0], states[1] if self.oreo else None)
+                checkpoint.write_state(tmp / checkpoint.STATE_DIR, meta, tensors)
+            checkpoint.prune_checkpoints(root, self.config.keep_checkpoints)
+        if self.use_fsdp:
+            dist.barrier()
+
+    def _load_trainer_state(self, folder: Path) -> None:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        meta, tensors = checkpoint.read_state(folder)
+        for i, (module, optimizer) in enumerate(zip(self._trained_modules(), self.optimizers)):
+            prefix = f"optimizer{i}::"
+            mine = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+            state = checkpoint.unflatten_optimizer_state(mine, meta["optimizers"][i])
+            set_optimizer_state_dict(module, optimizer, state,
+                                     options=StateDictOptions(full_state_dict=self.use_fsdp))
+        for scheduler, state in zip(self.schedulers, meta["schedulers"]):
+            scheduler.load_state_dict({**scheduler.state_dict(), **state})
+        torch.set_rng_state(tensors["rng::torch"])
+        self.step, self.history = meta["step"], meta["history"]
 
 
 def plot_curves(history: list[dict], path: Path) -> None:

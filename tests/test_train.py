@@ -240,3 +240,19 @@ def test_rft_trains_only_on_reward_one(tiny):
     assert all(e.reward == 1.0 for e in trainer.examples)
     summary = trainer.fit()
     assert summary["steps"] == -(-positives // 8)
+
+
+def test_resume_from_a_checkpoint_equals_an_uninterrupted_run(tiny):
+    """Stop after 2 of 4 steps, resume from the newest checkpoint: the same parameters, bit
+    for bit, and the same loss curve."""
+    root, _, _ = tiny
+    full_rows, full_params = _train_losses_and_params(
+        _config(root, epochs=2, output_dir=str(root / "full")))
+    out = str(root / "interrupted")
+    Trainer(_config(root, epochs=2, output_dir=out, max_steps=2, save_every=1,
+                    keep_checkpoints=1)).fit()
+    assert sorted(p.name for p in (root / "interrupted" / "checkpoints").iterdir()) == ["step-2"]
+    rows, params = _train_losses_and_params(_config(root, epochs=2, output_dir=out, resume=True))
+    assert [r["loss"] for r in rows] == [r["loss"] for r in full_rows]
+    for k in full_params:
+        assert torch.equal(params[k], full_params[k]), k
