@@ -233,6 +233,9 @@ class Trainer:
         return [self.policy] + ([self.reference, self.value] if self.oreo else [])
 
     def _apply_liger(self):
+        if self.device.type != "cuda":
+            # Liger's kernels do not run under the Triton interpreter
+            raise RuntimeError("liger=true needs a CUDA device (Liger-Kernel's Triton kernels)")
         try:
             from liger_kernel.transformers import _apply_liger_kernel
         except ImportError:
@@ -335,6 +338,7 @@ class Trainer:
 
             bar = tqdm(total=self.total_steps, initial=self.step, desc=f"{cfg.algorithm} train",
                        dynamic_ncols=True)
+        sinks = MetricSinks(cfg, self.output_dir, enabled=self.rank == 0)
         start = time.time()
         done = self.step  # global batches already trained (a resumed run skips them)
         seen = 0
@@ -353,6 +357,7 @@ class Trainer:
                               tokens_per_second=values["tokens"] / max(elapsed, 1e-9),
                               peak_memory_mb=self._peak_memory_mb())
                 history.append(values)
+                sinks.log(values, self.step)
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix(loss=f"{values['loss']:.4f}",
@@ -361,6 +366,7 @@ class Trainer:
                     self.save_checkpoint()
         if bar is not None:
             bar.close()
+        sinks.close()
         if self.rank == 0:
             with atomic_open(metrics_path) as f:
                 for row in history:
@@ -458,6 +464,44 @@ class Trainer:
             scheduler.load_state_dict({**scheduler.state_dict(), **state})
         torch.set_rng_state(tensors["rng::torch"])
         self.step, self.history = meta["step"], meta["history"]
+
+
+class MetricSinks:
+    """TensorBoard and W&B, when asked for; a missing package is reported before training."""
+
+    def __init__(self, config: TrainConfig, output_dir: Path, enabled: bool):
+        self.writers = []
+        if not enabled:
+            return
+        if config.tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise RuntimeError("tensorboard=true needs the tensorboard package") from None
+            self.writers.append(("tb", SummaryWriter(str(output_dir / "tensorboard"))))
+        if config.wandb:
+            try:
+                import wandb
+            except ImportError:
+                raise RuntimeError("wandb=true needs the wandb package") from None
+            import dataclasses
+
+            run = wandb.init(project="oreo_fast", dir=str(output_dir),
+                             config=dataclasses.asdict(config))
+            self.writers.append(("wandb", run))
+
+    def log(self, values: dict, step: int) -> None:
+        scalars = {k: v for k, v in values.items() if isinstance(v, (int, float))}
+        for kind, writer in self.writers:
+            if kind == "tb":
+                for k, v in scalars.items():
+                    writer.add_scalar(k, v, step)
+            else:
+                writer.log(scalars, step=step)
+
+    def close(self) -> None:
+        for kind, writer in self.writers:
+            writer.close() if kind == "tb" else writer.finish()
 
 
 def plot_curves(history: list[dict], path: Path) -> None:

@@ -256,3 +256,11 @@ def test_resume_from_a_checkpoint_equals_an_uninterrupted_run(tiny):
     assert [r["loss"] for r in rows] == [r["loss"] for r in full_rows]
     for k in full_params:
         assert torch.equal(params[k], full_params[k]), k
+
+
+def test_liger_on_cpu_is_refused_clearly(tiny):
+    root, _, _ = tiny
+    if torch.cuda.is_available():
+        pytest.skip("CUDA present: liger patches apply")
+    with pytest.raises(RuntimeError, match="liger=true needs a CUDA device"):
+        Trainer(_config(root, liger=True, output_dir=str(root / "liger")))
