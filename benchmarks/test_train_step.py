@@ -1,0 +1,136 @@
+"""Trainer-step benchmark: tokens/s (pytest-benchmark, in this process) and peak memory (a fresh
+subprocess per provider, benchmarks/train_step_runner.py) of our OREO micro-step against a
+paper-equivalent step on the same random-weight Qwen2 and batch, after checking once, outside
+the timed region, that both give the same loss and gradients. See benchmarks/train_step.py.
+
+Environment: OREO_BENCH_DEVICE, OREO_BENCH_THREADS, OREO_BENCH_ROUNDS (default 5 on CPU, 10 on
+CUDA), OREO_BENCH_RESULTS_DIR as for the op suite; OREO_BENCH_TRAIN_SHAPE (cpu, small, gpu;
+default by device), OREO_BENCH_TRAIN_BATCH / OREO_BENCH_TRAIN_SEQ (override the shape's),
+OREO_BENCH_TRAIN_CHECKPOINTING=1 (gradient checkpointing of policy and value),
+OREO_BENCH_TRAIN_ATTN (default sdpa).
+"""
+from __future__ import annotations
+
+import gc
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from benchmarks import report as ops_report
+from benchmarks import train_step as ts
+
+_SUBPROCESS_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072"}  # see benchmarks/test_ops.py
+RESULTS: dict[str, dict] = {}
+_STATE: dict = {}
+
+
+class _Summary:
+    """Prints the table at the end of the pytest run (registered once a report exists)."""
+
+    def pytest_terminal_summary(self, terminalreporter):
+        if "report" in _STATE:
+            terminalreporter.write_sep("-", "oreo_fast trainer-step benchmark")
+            terminalreporter.write_line(ts.format_table(_STATE["report"]))
+            terminalreporter.write_line(f"results written to {_STATE['path']}")
+
+
+@pytest.fixture(scope="module")
+def train_setup(request):
+    ts.configure_threads()
+    device = ts.bench_device()
+    shape_name, shape = ts.bench_shape(device)
+    setup = ts.build_setup(shape, device)
+    _STATE.update(device=device, shape_name=shape_name, shape=shape,
+                  setup_info={"gradient_checkpointing": setup.checkpointing,
+                              "parameters": ts.model_parameters(setup)})
+    yield setup
+    del setup
+    if any("median_ms" in entry for entry in RESULTS.values()):
+        built = ts.build_report(RESULTS, device, shape_name, shape, _STATE["setup_info"])
+        if "check" in _STATE:
+            built["check"] = _STATE["check"]
+        directory = Path(os.environ.get("OREO_BENCH_RESULTS_DIR", ops_report.RESULTS_DIR))
+        _STATE["report"], _STATE["path"] = built, ts.write_report(built, directory)
+        request.config.pluginmanager.register(_Summary(), "oreo_train_step_summary")
+
+
+@pytest.fixture(scope="module")
+def expected(train_setup):
+    """The paper-equivalent step's loss parts and gradients on the check batch."""
+    batch = ts.check_batch(train_setup)
+    return batch, ts.run_for_check("paper", train_setup, batch)
+
+
+def _measure_memory(name: str, device: torch.device) -> dict:
+    env = {**os.environ, **_SUBPROCESS_ENV}
+    command = [sys.executable, "-m", "benchmarks.train_step_runner", "--provider", name,
+               "--device", str(device)]
+    try:
+        done = subprocess.run(command, cwd=ops_report.REPO_ROOT, env=env, capture_output=True,
+                              text=True, timeout=1800)
+    except subprocess.TimeoutExpired:
+        return {"status": "failed", "reason": "memory subprocess timed out"}
+    lines = done.stdout.strip().splitlines()
+    if done.returncode != 0 or not lines:
+        return {"status": "failed",
+                "reason": f"memory subprocess exit {done.returncode}: {done.stderr[-1500:]}"}
+    return json.loads(lines[-1])
+
+
+def _free(device):
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+@pytest.mark.parametrize("name", ts.PROVIDERS)
+def test_train_step(benchmark, name, train_setup, expected):
+    setup, device = train_setup, train_setup.device
+    RESULTS.setdefault(name, {}).update(label=ts.LABELS[name])
+
+    check_batch, reference_result = expected
+    got = ts.run_for_check(name, setup, check_batch)
+    summary = ts.compare(reference_result, got, setup.shape.torch_dtype)
+    _STATE.setdefault("check", {"batch": list(check_batch["input_ids"].shape)}).update(
+        {k: v for k, v in summary.items() if name == "ours" or k == "loss_parts_paper"})
+    del got
+    _free(device)
+
+    step = ts.make_step(name, setup)
+    benchmark.group = f"train step, {setup.shape.slug}, {device.type}"
+    benchmark.extra_info.update(label=ts.LABELS[name], tokens=setup.tokens)
+    try:
+        benchmark.pedantic(step, setup=setup.zero_grad, rounds=ts.rounds(device),
+                           warmup_rounds=ts.warmup_rounds(device), iterations=1)
+    except torch.OutOfMemoryError as error:
+        setup.zero_grad()
+        _free(device)
+        RESULTS[name].update(status="oom", reason=f"{type(error).__name__}: {error}"[:500])
+        pytest.skip(f"{name}: out of memory at {setup.shape.slug}")
+    setup.zero_grad()
+    _free(device)
+    if getattr(benchmark, "disabled", False) or benchmark.stats is None:
+        return  # correctness-only run (--benchmark-disable)
+
+    stats = benchmark.stats.stats
+    RESULTS[name].update(status="ok", median_ms=stats.median * 1e3, mean_ms=stats.mean * 1e3,
+                         min_ms=stats.min * 1e3, stddev_ms=stats.stddev * 1e3,
+                         rounds=stats.rounds, tokens=setup.tokens,
+                         tokens_per_s=setup.tokens / stats.median)
+
+    measured = _measure_memory(name, device)
+    if measured.get("status") != "ok":
+        RESULTS[name].update(memory_status=measured.get("status"),
+                             memory_error=measured.get("reason", "unknown"))
+        if measured.get("status") == "oom":
+            return
+        pytest.fail(f"{name}: memory measurement failed: {measured.get('reason')}")
+    memory = measured["memory"]
+    RESULTS[name].update(peak_mib=memory["peak_mb"], extra_peak_mib=memory["extra_peak_mb"],
+                         before_mib=memory["before_mb"], memory_method=memory["method"])
+    benchmark.extra_info.update(peak_mib=round(memory["peak_mb"], 1))
