@@ -3,7 +3,8 @@ their reference results, and the results JSON written at the end of a benchmarki
 
 Environment: OREO_BENCH_DEVICE (cpu, cuda, cuda:1; default cuda when present),
 OREO_BENCH_SHAPE (cpu, small, gpu; default by device), OREO_BENCH_ROUNDS (timed rounds per
-provider; default 3 on CPU, 20 on CUDA), OREO_BENCH_RESULTS_DIR (default benchmarks/results).
+provider; default 3 on CPU, 20 on CUDA), OREO_BENCH_THREADS (torch CPU threads; default
+torch's), OREO_BENCH_RESULTS_DIR (default benchmarks/results).
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ _SESSION: dict = {}
 
 @pytest.fixture(scope="session")
 def bench_setup():
+    providers.configure_threads()
     device = providers.bench_device()
     shape_name = providers.bench_shape_name(device)
     rounds = int(os.environ.get("OREO_BENCH_ROUNDS", 20 if device.type == "cuda" else 3))

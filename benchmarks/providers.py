@@ -75,6 +75,16 @@ def bench_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def configure_threads() -> int:
+    """OREO_BENCH_THREADS, else torch's default. On a CPU shared with other busy processes one
+    thread avoids the thread pool waiting for a descheduled core, which adds milliseconds to
+    every parallel op and so penalises chunked implementations (many small ops) the most."""
+    threads = os.environ.get("OREO_BENCH_THREADS")
+    if threads:
+        torch.set_num_threads(int(threads))
+    return torch.get_num_threads()
+
+
 def bench_shape_name(device: torch.device) -> str:
     """OREO_BENCH_SHAPE, else the issue's shape for the device kind."""
     name = os.environ.get("OREO_BENCH_SHAPE") or ("gpu" if device.type == "cuda" else "cpu")

@@ -164,7 +164,7 @@ def build_report(results: dict, device: torch.device, shape_name: str, rounds: i
 def write_report(report: dict, directory: Path = RESULTS_DIR) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     env = report["environment"]
-    kind = "cuda" if env["device"].startswith("cuda") else "cpu"
+    kind = "cuda" if env["device"].startswith("cuda") else f"cpu{env['torch_threads']}t"
     shape = providers.SHAPES[report["shape_name"]].slug
     day = report["date"][:10]
     path = directory / f"ops_{kind}_{shape}_{day}.json"

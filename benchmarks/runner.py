@@ -110,6 +110,7 @@ def main(argv=None):
     parser.add_argument("--device", default=None)
     parser.add_argument("--time-rounds", type=int, default=0)
     args = parser.parse_args(argv)
+    providers.configure_threads()
     device = torch.device(args.device) if args.device else providers.bench_device()
     shape = args.shape or providers.bench_shape_name(device)
     try:
