@@ -25,7 +25,23 @@ import time
 import torch
 
 from benchmarks import train_step as ts
-from benchmarks.runner import _reset_rss_peak, _status_kib
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise KeyError(field)
+
+
+def _reset_rss_peak() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as clear_refs:
+            clear_refs.write("5")
+        return True
+    except OSError:
+        return False
 
 
 def _is_oom(error: BaseException) -> bool:
