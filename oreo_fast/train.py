@@ -187,9 +187,11 @@ class Trainer:
                                      f"policy's {policy.config.vocab_size}")
             self.reference, self.value = HiddenStates(reference_model), Values(value_model)
         if cfg.gradient_checkpointing:
-            policy.gradient_checkpointing_enable()
-            if self.oreo:
-                value_model.backbone.gradient_checkpointing_enable()
+            for model in [policy] + ([value_model.backbone] if self.oreo else []):
+                # transformers 5 renamed it; the old name is deprecated
+                enable = getattr(model, "activation_checkpointing_enable", None) or \
+                    model.gradient_checkpointing_enable
+                enable()
         for module in self._modules():
             module.to(self.device)
         if self.use_fsdp:

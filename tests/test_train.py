@@ -264,3 +264,13 @@ def test_liger_on_cpu_is_refused_clearly(tiny):
         pytest.skip("CUDA present: liger patches apply")
     with pytest.raises(RuntimeError, match="liger=true needs a CUDA device"):
         Trainer(_config(root, liger=True, output_dir=str(root / "liger")))
+
+
+def test_gradient_checkpointing_gives_the_same_training(tiny):
+    root, _, _ = tiny
+    plain, plain_params = _train_losses_and_params(_config(root, output_dir=str(root / "plain")))
+    ckpt, ckpt_params = _train_losses_and_params(
+        _config(root, output_dir=str(root / "ckpt"), gradient_checkpointing=True))
+    assert [r["loss"] for r in ckpt] == pytest.approx([r["loss"] for r in plain], rel=1e-6)
+    for k in plain_params:
+        torch.testing.assert_close(ckpt_params[k], plain_params[k], rtol=1e-5, atol=1e-7)
