@@ -98,6 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="oreo-fast", description="OREO pipeline: embedded task and model, SFT, sampling, "
         "evaluation.")
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="CPU threads for torch (default: 1; tiny models run fastest on "
+                        "one thread, especially on a shared machine; 0 keeps torch's default)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("task", help="write synthetic train/test problem files (GSM8K shape)",
@@ -151,6 +154,10 @@ def main(argv: list[str] | None = None) -> int:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # weight-loading bars would drown our own
+    if args.threads > 0:
+        import torch
+
+        torch.set_num_threads(args.threads)
     try:
         args.func(args)
     except DataError as e:

@@ -28,7 +28,7 @@ class SFTConfig:
     model: str  # checkpoint folder to start from
     train: str  # problem JSONL (GSM8K or MATH shape)
     out: str  # checkpoint folder to write
-    epochs: float = 3.0
+    epochs: float = 8.0
     batch_size: int = 32
     lr: float = 2e-3
     min_lr_ratio: float = 0.1  # cosine decay ends at lr * min_lr_ratio
@@ -137,7 +137,7 @@ def run_sft(config: SFTConfig) -> Path:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
         optimizer.step()
-        history.append(float(loss))
+        history.append(loss.item())
         if (step + 1) % config.log_every == 0 or step + 1 == total_steps:
             bar.set_postfix(loss=f"{sum(history[-config.log_every:]) / len(history[-config.log_every:]):.4f}")
     model.eval()

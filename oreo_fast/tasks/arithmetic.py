@@ -29,10 +29,10 @@ class ArithmeticConfig:
     min_steps: int = 2
     max_steps: int = 6
     start_min: int = 2
-    start_max: int = 50
-    add_max: int = 50  # operands of + and - are drawn from [1, add_max]
-    mul_max: int = 9  # operands of * and / are drawn from [2, mul_max]
-    max_value: int = 999  # every intermediate result stays in [0, max_value]
+    start_max: int = 20
+    add_max: int = 9  # operands of + and - are drawn from [1, add_max]
+    mul_max: int = 4  # operands of * and / are drawn from [2, mul_max]
+    max_value: int = 40  # every intermediate result stays in [0, max_value]
     ops: tuple[str, ...] = OPS
     seed: int = 0
 
