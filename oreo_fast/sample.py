@@ -52,6 +52,16 @@ def encode_problems(tokenizer, problems: list[Problem], max_prompt_length: int, 
                      strict, source)
 
 
+def stop_token_ids(model, tokenizer) -> list[int]:
+    """The tokenizer's EOS plus any the model's generation config lists (chat models often
+    end turns with a token of their own)."""
+    ids = {tokenizer.eos_token_id}
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if configured is not None:
+        ids.update(configured if isinstance(configured, (list, tuple)) else [configured])
+    return sorted(i for i in ids if i is not None)
+
+
 def generate_responses(model, tokenizer, encoded: list[tuple[Problem, list[int]]],
                        sampling: SamplingConfig, k: int, batch_size: int, seed: int,
                        desc: str = "sample") -> tuple[list[list[tuple[str, bool]]], int]:
@@ -59,7 +69,7 @@ def generate_responses(model, tokenizer, encoded: list[tuple[Problem, list[int]]
     from tqdm import tqdm
 
     generator = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
-    eos = tokenizer.eos_token_id
+    eos = stop_token_ids(model, tokenizer)
     results: list[list[tuple[str, bool]]] = []
     n_tokens = 0
     with tqdm(desc=desc, unit="tok", unit_scale=True, dynamic_ncols=True) as bar:
