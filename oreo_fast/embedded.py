@@ -14,7 +14,7 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from oreo_fast.jsonl import write_jsonl
+from oreo_fast.jsonl import atomic_dir, read_jsonl, write_jsonl
 from oreo_fast.models import TinyModelConfig, build_tiny_model, save_checkpoint
 from oreo_fast.tasks.arithmetic import ArithmeticConfig, generate_splits
 from oreo_fast.tasks.problems import format_prompt
@@ -43,15 +43,12 @@ def write_task(out: str | Path, cfg: ArithmeticConfig) -> dict[str, Path]:
 
 def build_default(cfg: EmbeddedConfig) -> dict[str, Path]:
     """Build the whole embedded default under ``cfg.out``; return the paths written."""
-    from oreo_fast.jsonl import read_jsonl
-
     out = Path(cfg.out)
     paths = write_task(out, cfg.task)
     # the tokenizer learns its merges from the training split only
     texts = [format_prompt(r["question"]) + r["answer"] for _, r in read_jsonl(paths["train"])]
     tokenizer = build_tokenizer(texts, cfg.vocab_size)
     paths["tokenizer"] = out / "tokenizer"
-    from oreo_fast.jsonl import atomic_dir
     with atomic_dir(paths["tokenizer"]) as tmp:
         tokenizer.save_pretrained(str(tmp))
     model = build_tiny_model(tokenizer, cfg.model)

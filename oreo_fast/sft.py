@@ -39,7 +39,7 @@ class SFTConfig:
     limit: int | None = None  # use only the first N problems
     strict: bool = False  # an over-long example is an error instead of a warning
     log_every: int = 20
-    eval_examples: int = 256  # loss measured on this many training examples before and after
+    eval_examples: int = 256  # loss measured on this many training examples, before and after
     seed: int = 0
     dtype: str = "float32"
     trust_remote_code: bool = False
@@ -139,7 +139,8 @@ def run_sft(config: SFTConfig) -> Path:
         optimizer.step()
         history.append(loss.item())
         if (step + 1) % config.log_every == 0 or step + 1 == total_steps:
-            bar.set_postfix(loss=f"{sum(history[-config.log_every:]) / len(history[-config.log_every:]):.4f}")
+            recent = history[-config.log_every:]
+            bar.set_postfix(loss=f"{sum(recent) / len(recent):.4f}")
     model.eval()
     final_loss = mean_loss(model, eval_set, tokenizer.pad_token_id)
     report = {

@@ -38,7 +38,7 @@ def policy_dir(tmp_path_factory, corpus):
     model = build_tiny_model(tok, TINY)
     with torch.no_grad():  # random, non-trivial weights everywhere (norms included)
         for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
+            p.add_(0.3 * torch.randn_like(p))
     save_checkpoint(model, tok, out)
     return out
 

@@ -127,7 +127,8 @@ def test_eval_report(default, trained, tmp_path):
     report = run_eval(EvalConfig(model=str(trained), problems=str(default["train"]),
                                  out=str(tmp_path / "r.json"), n_samples=4, max_new_tokens=40,
                                  predictions=str(tmp_path / "pred.jsonl")))
-    assert json.loads((tmp_path / "r.json").read_text())["greedy_accuracy"] == report["greedy_accuracy"]
+    written = json.loads((tmp_path / "r.json").read_text())
+    assert written["greedy_accuracy"] == report["greedy_accuracy"]
     preds = [r for _, r in read_jsonl(tmp_path / "pred.jsonl")]
     problems = {r["id"]: r for _, r in read_jsonl(default["train"])}
     own = [answer_of(p["response"]) == solve(problems[p["problem_id"]]["question"]) for p in preds]
@@ -188,7 +189,8 @@ def test_malformed_line_fails_early_and_leaves_nothing(default, trained, tmp_pat
 ])
 def test_bad_trajectories_are_reported(tmp_path, line, field):
     path = tmp_path / "traj.jsonl"
-    path.write_text('{"prompt": "p", "response": "r", "reward": 1, "problem_id": 1}\n' + line + "\n")
+    good = '{"prompt": "p", "response": "r", "reward": 1, "problem_id": 1}'
+    path.write_text(good + "\n" + line + "\n")
     with pytest.raises(DataError) as err:
         read_trajectories(path)
     assert (err.value.path, err.value.line, err.value.field) == (str(path), 2, field)

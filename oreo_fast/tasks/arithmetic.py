@@ -115,7 +115,8 @@ def generate_splits(cfg: ArithmeticConfig) -> tuple[list[dict], list[dict]]:
             seen.add(question)
             pool.append((question, solution))
     # test first, so growing n_train with the same seed keeps the test split unchanged
-    test = [{"id": f"test-{i}", "question": q, "answer": s} for i, (q, s) in enumerate(pool[:cfg.n_test])]
+    test = [{"id": f"test-{i}", "question": q, "answer": s}
+            for i, (q, s) in enumerate(pool[:cfg.n_test])]
     train = [{"id": f"train-{i}", "question": q, "answer": s}
              for i, (q, s) in enumerate(pool[cfg.n_test:])]
     return train, test
