@@ -238,3 +238,28 @@ def test_cli_end_to_end(tmp_path, capsys):
                  "--ops", "+", "-"]) == 0
     rows = [r for _, r in read_jsonl(tmp_path / "t" / "train.jsonl")]
     assert len(rows) == 5 and all("*" not in r["answer"] for r in rows)
+
+
+def test_math_shaped_files_go_through_math_verify(default, tmp_path):
+    """SFT and eval on MATH-shaped records (answer in \\boxed{}), verified by math-verify."""
+    rows = []
+    for _, r in read_jsonl(default["train"]):
+        steps, final = r["answer"].rsplit("\n", 1)
+        rows.append({"problem": r["question"], "unique_id": r["id"],
+                     "solution": steps + "\nSo the result is \\boxed{" + final[5:] + "}"})
+    path = tmp_path / "math.jsonl"
+    write_jsonl(path, rows)
+    policy = run_sft(SFTConfig(model=str(default["model"]), train=str(path),
+                               out=str(tmp_path / "p"), epochs=60, batch_size=8, lr=1e-2,
+                               warmup_steps=5))
+    report = run_eval(EvalConfig(model=str(policy), problems=str(path), out=str(tmp_path / "r"),
+                                 n_samples=0, max_new_tokens=48,
+                                 predictions=str(tmp_path / "pred.jsonl")))
+    preds = [r for _, r in read_jsonl(tmp_path / "pred.jsonl")]
+    gold = {r["unique_id"]: solve(r["problem"]) for r in rows}
+    own = []
+    for p in preds:
+        boxed = re.findall(r"\\boxed\{(-?\d+)\}", p["response"])
+        own.append(bool(boxed) and int(boxed[-1]) == gold[p["problem_id"]])
+    assert report["greedy_accuracy"] == pytest.approx(sum(own) / len(own))
+    assert report["greedy_accuracy"] > 0
