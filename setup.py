@@ -21,7 +21,7 @@ setup(
         "torch>=2.4",
         "triton>=3.0; platform_system == 'Linux'",
         "numpy",
-        "transformers>=4.45",
+        "transformers>=4.56",  # from_pretrained(dtype=...), DynamicCache(config=...)
         "tokenizers>=0.20",
         "safetensors>=0.4",
         "tqdm",

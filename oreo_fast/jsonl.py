@@ -44,9 +44,11 @@ def read_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict[str, Any]]]:
             try:
                 record = json.loads(text)
             except json.JSONDecodeError as e:
-                raise DataError(f"malformed JSON ({e.msg} at column {e.colno})", path, lineno) from None
+                raise DataError(f"malformed JSON ({e.msg} at column {e.colno})", path,
+                                lineno) from None
             if not isinstance(record, dict):
-                raise DataError(f"expected a JSON object, got {type(record).__name__}", path, lineno)
+                raise DataError(f"expected a JSON object, got {type(record).__name__}", path,
+                                lineno)
             yield lineno, record
 
 

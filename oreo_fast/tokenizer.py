@@ -8,10 +8,13 @@ Saved as a Hugging Face tokenizer folder that ``AutoTokenizer.from_pretrained`` 
 """
 from __future__ import annotations
 
+import logging
 import os
 from typing import Iterable
 
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from oreo_fast.jsonl import DataError
 
 BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
 SPECIAL_TOKENS = [PAD, BOS, EOS]
@@ -39,10 +42,6 @@ def build_tokenizer(texts: Iterable[str], vocab_size: int = 384):
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD,
         clean_up_tokenization_spaces=False, padding_side="left")
-
-
-def save_tokenizer(tokenizer, out_dir: str | os.PathLike) -> None:
-    tokenizer.save_pretrained(str(out_dir))
 
 
 def load_tokenizer(path: str | os.PathLike, trust_remote_code: bool = False):
@@ -80,10 +79,6 @@ def drop_long(items: list, lengths: list[int], max_length: int, what: str, stric
               source: str | None = None) -> tuple[list, int]:
     """Keep the items whose token length fits ``max_length``. The others are dropped with one
     counted warning, or, under ``strict``, the first one raises a DataError naming it."""
-    import logging
-
-    from oreo_fast.jsonl import DataError
-
     kept = [item for item, n in zip(items, lengths) if n <= max_length]
     dropped = len(items) - len(kept)
     if dropped:

@@ -29,10 +29,10 @@ class ArithmeticConfig:
     min_steps: int = 2
     max_steps: int = 6
     start_min: int = 2
-    start_max: int = 50
-    add_max: int = 50  # operands of + and - are drawn from [1, add_max]
-    mul_max: int = 9  # operands of * and / are drawn from [2, mul_max]
-    max_value: int = 999  # every intermediate result stays in [0, max_value]
+    start_max: int = 20
+    add_max: int = 9  # operands of + and - are drawn from [1, add_max]
+    mul_max: int = 4  # operands of * and / are drawn from [2, mul_max]
+    max_value: int = 40  # every intermediate result stays in [0, max_value]
     ops: tuple[str, ...] = OPS
     seed: int = 0
 
@@ -49,8 +49,9 @@ class ArithmeticConfig:
             raise ValueError("need add_max >= 1 and mul_max >= 2")
 
 
-def _step(rng: random.Random, value: int, cfg: ArithmeticConfig) -> tuple[str, int, int]:
-    """Draw one operation that keeps the value in range: (op, operand, new value)."""
+def _step(rng: random.Random, value: int, cfg: ArithmeticConfig) -> tuple[str, int, int] | None:
+    """Draw one operation that keeps the value in range: (op, operand, new value), or None
+    when none is found (e.g. only + and * allowed and the value is already at the maximum)."""
     for _ in range(100):
         op = rng.choice(cfg.ops)
         if op == "+":
@@ -70,20 +71,27 @@ def _step(rng: random.Random, value: int, cfg: ArithmeticConfig) -> tuple[str, i
             new = value // b
         if 0 <= new <= cfg.max_value:
             return op, b, new
-    # nothing fit (tiny ranges): adding 0 is impossible by construction, so subtract/add 1
-    return ("-", 1, value - 1) if value >= 1 else ("+", 1, value + 1)
+    return None
 
 
 def make_problem(rng: random.Random, cfg: ArithmeticConfig) -> tuple[str, str, int]:
     """One random problem: (question, gold solution, answer)."""
-    value = rng.randint(cfg.start_min, cfg.start_max)
-    n_steps = rng.randint(cfg.min_steps, cfg.max_steps)
-    sentences, lines = [f"Start with {value}."], []
-    for _ in range(n_steps):
-        op, b, new = _step(rng, value, cfg)
-        sentences.append(_WORDS[op].format(b))
-        lines.append(f"{value} {op} {b} = {new}")
-        value = new
+    for _ in range(1000):  # a chain that runs out of valid operations is drawn again
+        value = rng.randint(cfg.start_min, cfg.start_max)
+        n_steps = rng.randint(cfg.min_steps, cfg.max_steps)
+        sentences, lines = [f"Start with {value}."], []
+        for _ in range(n_steps):
+            step = _step(rng, value, cfg)
+            if step is None:
+                break
+            op, b, new = step
+            sentences.append(_WORDS[op].format(b))
+            lines.append(f"{value} {op} {b} = {new}")
+            value = new
+        if len(lines) == n_steps:
+            break
+    else:
+        raise ValueError("these knobs leave no valid chain of operations")
     question = " ".join(sentences) + " What is the result?"
     solution = "\n".join(lines) + f"\n#### {value}"
     return question, solution, value
@@ -107,7 +115,8 @@ def generate_splits(cfg: ArithmeticConfig) -> tuple[list[dict], list[dict]]:
             seen.add(question)
             pool.append((question, solution))
     # test first, so growing n_train with the same seed keeps the test split unchanged
-    test = [{"id": f"test-{i}", "question": q, "answer": s} for i, (q, s) in enumerate(pool[:cfg.n_test])]
+    test = [{"id": f"test-{i}", "question": q, "answer": s}
+            for i, (q, s) in enumerate(pool[:cfg.n_test])]
     train = [{"id": f"train-{i}", "question": q, "answer": s}
              for i, (q, s) in enumerate(pool[cfg.n_test:])]
     return train, test

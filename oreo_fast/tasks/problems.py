@@ -71,7 +71,8 @@ def parse_problem(record: dict, path, lineno: int) -> Problem:
         solution = require(record, "answer", str, path, lineno)
         answer = extract_gsm8k_answer(solution)
         if answer is None:
-            raise DataError("no final answer ('#### N') in the gold solution", path, lineno, "answer")
+            raise DataError("no final answer ('#### N') in the gold solution", path, lineno,
+                            "answer")
         return Problem(pid, question, solution, answer, "gsm8k")
     if "problem" in record:
         question = require(record, "problem", str, path, lineno)

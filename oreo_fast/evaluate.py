@@ -1,0 +1,101 @@
+"""Evaluation: greedy and n-sample accuracy on a problem file, written as a JSON report.
+
+``greedy_accuracy``: one greedy response per problem. With ``n_samples`` > 0 at a
+temperature: ``sample_accuracy`` (mean correctness over all samples, the pass@1 estimate),
+``pass_at_n`` (some sample correct) and ``majority_at_n`` (the most frequent extracted answer
+is correct; ties go to the answer seen first).
+"""
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from oreo_fast.generation import SamplingConfig
+from oreo_fast.jsonl import write_json, write_jsonl
+from oreo_fast.models import load_policy
+from oreo_fast.sample import encode_problems, generate_responses
+from oreo_fast.tasks.problems import extract_answer, is_correct, load_problems
+from oreo_fast.tokenizer import load_tokenizer
+
+log = logging.getLogger("oreo_fast")
+
+
+@dataclass
+class EvalConfig:
+    model: str  # policy checkpoint folder
+    problems: str  # problem JSONL (GSM8K or MATH shape)
+    out: str  # JSON report to write
+    n_samples: int = 8  # 0: greedy only
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    max_new_tokens: int = 128
+    batch_size: int = 64
+    max_prompt_length: int = 512
+    strict: bool = False
+    limit: int | None = None
+    predictions: str | None = None  # optional JSONL of every greedy response
+    seed: int = 0
+    dtype: str = "float32"
+    trust_remote_code: bool = False
+
+
+def run_eval(config: EvalConfig) -> dict:
+    """Evaluate ``config.model`` on ``config.problems``; write and return the report."""
+    t0 = time.time()
+    tokenizer = load_tokenizer(config.model, config.trust_remote_code)
+    model = load_policy(config.model, config.dtype, config.trust_remote_code)
+    problems = load_problems(config.problems, config.limit)
+    encoded, dropped = encode_problems(tokenizer, problems, config.max_prompt_length,
+                                       config.strict, config.problems)
+    greedy = SamplingConfig(config.max_new_tokens, temperature=0.0)
+    greedy_out, n_tokens = generate_responses(model, tokenizer, encoded, greedy, 1,
+                                              config.batch_size, config.seed, desc="greedy")
+    predictions, greedy_correct = [], 0
+    for (problem, _), [(text, finished)] in zip(encoded, greedy_out):
+        answer = extract_answer(problem.kind, text)
+        correct = is_correct(problem.kind, problem.answer, answer)
+        greedy_correct += correct
+        predictions.append({"problem_id": problem.id, "response": text, "answer": answer,
+                            "gold": problem.answer, "correct": correct, "finished": finished})
+    n = len(encoded)
+    report = {
+        "model": str(config.model), "problems": str(config.problems), "n_problems": n,
+        "dropped_prompts": dropped, "greedy_accuracy": greedy_correct / max(n, 1),
+    }
+    if config.n_samples > 0:
+        sampling = SamplingConfig(config.max_new_tokens, config.temperature, config.top_p,
+                                  config.top_k)
+        samples, sampled_tokens = generate_responses(
+            model, tokenizer, encoded, sampling, config.n_samples, max(1, config.batch_size //
+                                                                       config.n_samples),
+            config.seed, desc="samples")
+        n_tokens += sampled_tokens
+        mean_correct = pass_n = majority = 0.0
+        for (problem, _), group in zip(encoded, samples):
+            answers = [extract_answer(problem.kind, text) for text, _ in group]
+            flags = [is_correct(problem.kind, problem.answer, a) for a in answers]
+            mean_correct += sum(flags) / len(flags)
+            pass_n += any(flags)
+            votes = Counter(a for a in answers if a is not None)
+            if votes:
+                top = max(votes.values())
+                winner = next(a for a in answers if a is not None and votes[a] == top)
+                majority += is_correct(problem.kind, problem.answer, winner)
+        report.update({
+            "n_samples": config.n_samples, "sample_accuracy": mean_correct / max(n, 1),
+            f"pass_at_{config.n_samples}": pass_n / max(n, 1),
+            f"majority_at_{config.n_samples}": majority / max(n, 1),
+        })
+    seconds = time.time() - t0
+    report.update({"generated_tokens": n_tokens, "seconds": round(seconds, 2),
+                   "tokens_per_second": round(n_tokens / max(seconds, 1e-9), 1),
+                   "config": asdict(config)})
+    if config.predictions:
+        write_jsonl(config.predictions, predictions)
+    write_json(Path(config.out), report)
+    log.info("eval: greedy %.3f on %d problems (%.1fs)", report["greedy_accuracy"], n, seconds)
+    return report
