@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: setup test bench clean
+.PHONY: setup test demo bench clean
 
 $(VENV)/.installed: setup.py pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +19,9 @@ setup: $(VENV)/.installed
 
 test: setup
 	$(PY) -m pytest -q tests
+
+demo: setup
+	$(PY) -m oreo_fast.cli demo --out runs/demo
 
 bench: setup
 	$(PY) -m pytest -q benchmarks --benchmark-only

@@ -89,6 +89,7 @@ def cmd_eval(args):
 
 def build_parser() -> argparse.ArgumentParser:
     from oreo_fast.evaluate import EvalConfig
+    from oreo_fast.iterate import IterateConfig
     from oreo_fast.models import TinyModelConfig
     from oreo_fast.sample import SampleConfig
     from oreo_fast.sft import SFTConfig
@@ -96,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(
         prog="oreo-fast", description="OREO pipeline: embedded task and model, SFT, sampling, "
-        "evaluation.")
+        "evaluation, OREO and RFT training, iterative OREO, the demo.")
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
     parser.add_argument("--threads", type=int, default=1,
                         help="CPU threads for torch (default: 1; tiny models run fastest on "
@@ -144,11 +145,60 @@ def build_parser() -> argparse.ArgumentParser:
                                            "out": "JSON report to write",
                                            "predictions": "also write greedy responses here"})
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("train", help="OREO or RFT training (the same as python -m oreo_fast.train)",
+                       description="Train with a TrainConfig from --config and key=value "
+                       "overrides; for several processes use torchrun -m oreo_fast.train.",
+                       add_help=False)  # --help and the rest go to the trainer's parser
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("iterate", help="iterative OREO: rounds of sample -> train",
+                       description="Rounds of sampling from the current policy and OREO "
+                       "training from it; key=value after -- go to the trainer.")
+    _add_config_args(p, IterateConfig, skip=("train_overrides",),
+                     helps={"policy": "starting policy folder", "problems": "problem JSONL",
+                            "out": "folder for the rounds"})
+    p.add_argument("train_overrides", nargs="*", help="key=value overrides for the trainer")
+    p.set_defaults(func=cmd_iterate)
+
+    p = sub.add_parser("demo", help="the paper's comparison on the embedded default (make demo)",
+                       description="Embedded default -> SFT -> sampling -> RFT and OREO -> "
+                       "held-out accuracy table, results.json and a bar chart.")
+    p.add_argument("--out", default="runs/demo", help="output folder (default: runs/demo)")
+    p.add_argument("--nproc", type=int, default=2, help="OREO training processes (default: 2)")
+    p.add_argument("--samples-per-problem", type=int, default=8)
+    p.add_argument("--reuse", action="store_true", help="keep finished stages found in --out")
+    p.set_defaults(func=cmd_demo)
     return parser
 
 
+def cmd_train(args):
+    from oreo_fast.train import main as train_main
+
+    train_main(args.rest)
+
+
+def cmd_iterate(args):
+    from oreo_fast.iterate import IterateConfig, run_iterate
+
+    values = {f.name: getattr(args, f.name) for f in fields(IterateConfig)}
+    print(json.dumps(run_iterate(IterateConfig(**values))["rounds"], indent=2))
+
+
+def cmd_demo(args):
+    from oreo_fast.demo import DemoConfig, run_demo
+
+    run_demo(DemoConfig(out=args.out, nproc=args.nproc, reuse=args.reuse, threads=args.threads or 1,
+                        samples_per_problem=args.samples_per_problem))
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if args.command == "train":
+        args.rest = rest
+    elif rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
     from transformers.utils import logging as hf_logging

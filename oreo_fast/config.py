@@ -52,6 +52,7 @@ class TrainConfig:
     seed: int = 0
 
     # runtime
+    threads: int = 0  # torch CPU threads per process (0: torch's default, or OMP_NUM_THREADS)
     dtype: str = "auto"  # "auto": bf16 compute with fp32 master weights on CUDA, fp32 on CPU
     impl: str = "auto"  # loss implementation (see oreo_fast.ops)
     gradient_checkpointing: bool = False
@@ -91,6 +92,8 @@ class TrainConfig:
                 bad(key, "must be >= 1")
         if self.max_length < 2:
             bad("max_length", "must be >= 2")
+        if self.threads < 0:
+            bad("threads", "must be >= 0")
         if self.max_steps < 0:
             bad("max_steps", "must be >= 0")
         if self.save_every < 0:

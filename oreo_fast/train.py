@@ -120,6 +120,8 @@ def cosine_with_warmup(total_steps: int, warmup_ratio: float, min_ratio: float):
 class Trainer:
     def __init__(self, config: TrainConfig):
         self.config = config
+        if config.threads:
+            torch.set_num_threads(config.threads)
         self.distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
         if torch.cuda.is_available():
             self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))

@@ -274,3 +274,25 @@ def test_gradient_checkpointing_gives_the_same_training(tiny):
     assert [r["loss"] for r in ckpt] == pytest.approx([r["loss"] for r in plain], rel=1e-6)
     for k in plain_params:
         torch.testing.assert_close(ckpt_params[k], plain_params[k], rtol=1e-5, atol=1e-7)
+
+
+def test_iterate_chains_rounds_from_the_last_policy(tiny, tmp_path):
+    from oreo_fast.iterate import IterateConfig, run_iterate
+
+    root, _, _ = tiny
+    problems = tmp_path / "problems.jsonl"
+    problems.write_text("".join(json.dumps({"id": i, "question": f"Start with {i}. Add 2. What is the result?",
+                                            "answer": f"{i} + 2 = {i + 2}\n#### {i + 2}"}) + "\n"
+                                for i in range(4)))
+    out = tmp_path / "iter"
+    summary = run_iterate(IterateConfig(
+        policy=str(root / "policy"), problems=str(problems), out=str(out), rounds=2, k=2,
+        max_new_tokens=12, eval_problems=str(problems),
+        train_overrides=["global_batch_size=8", "micro_batch_size=8", "max_length=128"]))
+    assert [r["round"] for r in summary["rounds"]] == [0, 1]
+    assert all(0 <= r["greedy_accuracy"] <= 1 for r in summary["rounds"])
+    second = json.loads((out / "round-1" / "config.json").read_text())
+    assert second["policy"] == str(out / "round-0" / "policy")
+    assert second["reference"] == str(out / "round-0" / "policy")  # the round's start
+    assert second["value"] == str(out / "round-0" / "value")  # the value model carries over
+    assert (out / "round-1" / "policy" / "model.safetensors").is_file()
