@@ -106,7 +106,7 @@ def _targets(results: dict, device: torch.device, shape_name: str) -> dict:
     def check(value, predicate):
         return None if value is None else bool(predicate(value))
 
-    fused_ms, paper_ms = get("ours_fused", "median_ms"), get("paper", "median_ms")
+    fused_ms = get("ours_fused", "median_ms")
     fused_mem = get("ours_fused", "extra_peak_mib")
     if device.type == "cpu" and shape_name == "cpu":
         fraction = get("ours_fused", "extra_peak_fraction_of_baseline")

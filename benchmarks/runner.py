@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import resource
 import statistics
 import sys
 import time
@@ -27,23 +26,7 @@ import time
 import torch
 
 from benchmarks import providers
-
-
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise KeyError(field)
-
-
-def _reset_rss_peak() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as clear_refs:
-            clear_refs.write("5")
-        return True
-    except OSError:
-        return False
+from benchmarks.memory import peak_memory
 
 
 def measure(provider_name: str, shape_name: str, device: torch.device, time_rounds: int = 0) -> dict:
@@ -69,26 +52,9 @@ def measure(provider_name: str, shape_name: str, device: torch.device, time_roun
     gc.collect()
     mib = 2**20
     if device.type == "cuda":
-        torch.cuda.synchronize(device)
         torch.cuda.empty_cache()
-        before = torch.cuda.memory_allocated(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        output = step()
-        peak = torch.cuda.max_memory_allocated(device)
-        memory = {"method": "torch.cuda.max_memory_allocated",
-                  "peak_mb": peak / mib, "before_mb": before / mib}
-    else:
-        before = _status_kib("VmRSS") * 1024
-        reset = _reset_rss_peak()
-        output = step()
-        if reset:
-            peak, method = _status_kib("VmHWM") * 1024, "VmHWM after clear_refs reset"
-        else:
-            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-            method = "ru_maxrss (includes warm-up; clear_refs not permitted)"
-        memory = {"method": method, "peak_mb": peak / mib, "before_mb": before / mib}
+    output, memory = peak_memory(step, device)
     del output
-    memory["extra_peak_mb"] = memory["peak_mb"] - memory["before_mb"]
     memory["inputs_mb"] = providers.input_bytes(inputs) / mib
     result.update(status="ok", memory=memory)
 

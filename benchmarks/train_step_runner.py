@@ -17,7 +17,6 @@ import argparse
 import dataclasses
 import gc
 import json
-import resource
 import statistics
 import sys
 import time
@@ -25,23 +24,7 @@ import time
 import torch
 
 from benchmarks import train_step as ts
-
-
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise KeyError(field)
-
-
-def _reset_rss_peak() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as clear_refs:
-            clear_refs.write("5")
-        return True
-    except OSError:
-        return False
+from benchmarks.memory import peak_memory
 
 
 def _is_oom(error: BaseException) -> bool:
@@ -55,27 +38,10 @@ def measure(provider: str, shape: ts.ModelShape, device: torch.device,
     step()  # warm-up at the measured shape: lazy init, allocator pools, cuBLAS heuristics
     setup.zero_grad()
     gc.collect()
-    mib = 2**20
     if device.type == "cuda":
-        torch.cuda.synchronize(device)
         torch.cuda.empty_cache()
-        before = torch.cuda.memory_allocated(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        parts = step()
-        peak = torch.cuda.max_memory_allocated(device)
-        method = "torch.cuda.max_memory_allocated"
-    else:
-        before = _status_kib("VmRSS") * 1024
-        reset = _reset_rss_peak()
-        parts = step()
-        if reset:
-            peak, method = _status_kib("VmHWM") * 1024, "VmHWM after clear_refs reset"
-        else:
-            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-            method = "ru_maxrss (includes warm-up; clear_refs not permitted)"
-    result = {"status": "ok", "memory": {"method": method, "peak_mb": peak / mib,
-                                         "before_mb": before / mib,
-                                         "extra_peak_mb": (peak - before) / mib},
+    parts, memory = peak_memory(step, device)
+    result = {"status": "ok", "memory": memory,
               "loss": {k: float(v) for k, v in parts.items()}, "tokens": setup.tokens}
     if time_rounds:
         times = []

@@ -9,10 +9,9 @@ problems, printed as a table and written to ``results.json`` with a bar chart.
 """
 from __future__ import annotations
 
-import json
 import platform
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from oreo_fast.iterate import launch_training

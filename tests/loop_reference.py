@@ -2,7 +2,6 @@
 oreo_fast.reference (which is vectorised). Slow by design; tiny shapes only."""
 import math
 
-import torch
 
 
 def per_token_loop(logits, ref_logits, actions):

@@ -4,7 +4,7 @@ grad_output != 1, strided logits, bf16 against a float32 golden run."""
 import pytest
 import torch
 
-from oreo_fast import ops, reference
+from oreo_fast import ops
 
 F64 = torch.float64
 IMPLS = ["torch", "triton"]

@@ -133,7 +133,7 @@ def test_truncation_keeps_eos_and_long_prompts_are_reported(tiny, tmp_path, capl
     path.write_text(json.dumps(r) + "\n" + json.dumps(long) + "\n")
     examples, dropped = read_trajectories(path, tok, 64)
     assert (len(examples), dropped) == (1, 1) and "dropped 1" in caplog.text
-    with pytest.raises(DataError, match=rf"t\.jsonl:2: field 'prompt'"):
+    with pytest.raises(DataError, match=r"t\.jsonl:2: field 'prompt'"):
         read_trajectories(path, tok, 64, strict=True)
 
 
