@@ -168,7 +168,7 @@ class Trainer:
         self.tokenizer = load_tokenizer(cfg.policy, trust_remote_code=cfg.trust_remote_code)
         if cfg.liger:
             self._apply_liger()
-        master, compute = self._dtypes()
+        master, compute = torch.float32, self.compute_dtype
         kw = dict(dtype=master, trust_remote_code=cfg.trust_remote_code,
                   attn_implementation=self._attn())
         found = checkpoint.list_checkpoints(self.output_dir / "checkpoints") if cfg.resume else []
@@ -276,10 +276,11 @@ class Trainer:
             beta=cfg.beta, kl_coef=cfg.kl_coef, kl_estimator=cfg.kl_estimator,
             num_sequences=num_sequences)
         n_real = batch["action_mask"].any(1).sum().float()
-        # diagnostics are means over this micro-batch: weight them by its sequences
+        # diagnostics are means over this micro-batch: weight them by its sequences (the KL
+        # mean runs over every row, the padding rows adding zeros)
         metrics = {"loss": out.loss.detach(), "value_loss": out.value_loss.detach(),
                    "policy_loss": out.policy_loss.detach(), "sequences": n_real,
-                   "kl": out.kl * n_real, "residual_abs": out.residual_abs * n_real,
+                   "kl": out.kl * len(batch["rewards"]), "residual_abs": out.residual_abs * n_real,
                    "first_value": out.first_value * n_real,
                    "first_advantage": out.first_advantage * n_real}
         return out.loss, metrics
@@ -310,7 +311,7 @@ class Trainer:
         values = dict(zip(keys + ["tokens"], stacked.tolist()))
         grad_norms = []
         for optimizer, scheduler, module in zip(self.optimizers, self.schedulers,
-                                                [self.policy] + ([self.value] if self.oreo else [])):
+                                                self._trained_modules()):
             norm = torch.nn.utils.clip_grad_norm_(module.parameters(), cfg.grad_clip or float("inf"))
             grad_norms.append(float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm))
             optimizer.step()
