@@ -1,8 +1,7 @@
 """``make demo``: the paper's comparison on the embedded default, from nothing, on a CPU.
 
 Stages (each writes under ``out``): the embedded task, tokenizer and tiny model; a validation
-split carved from the training problems (held out of every stage, used to choose the demo's
-knobs); SFT; K sampled, verified responses per training problem; the rejection-sampling
+split of fresh problems (in neither train nor test, used to choose the demo's knobs); SFT; K sampled, verified responses per training problem; the rejection-sampling
 baseline (RFT: SFT on the reward-1 samples) and OREO trained on those same trajectories
 (OREO launched through torchrun); greedy accuracy of SFT, RFT and OREO on the held-out test
 problems, printed as a table and written to ``results.json`` with a bar chart.
@@ -30,12 +29,25 @@ RFT_OVERRIDES = ["global_batch_size=128", "micro_batch_size=32", "policy_lr=1e-4
 class DemoConfig:
     out: str = "runs/demo"
     samples_per_problem: int = 8
-    n_val: int = 200  # training problems held out to choose knobs (never the test split)
+    n_val: int = 1000  # fresh problems to choose knobs on (never the test split)
     nproc: int = 2  # OREO training processes (torchrun)
     threads: int = 1  # torch threads per process
     reuse: bool = False  # keep finished stages of an earlier run in ``out``
     oreo_overrides: list[str] = field(default_factory=lambda: list(OREO_OVERRIDES))
     rft_overrides: list[str] = field(default_factory=lambda: list(RFT_OVERRIDES))
+
+
+def validation_problems(default: Path, n: int, seed: int = 104729) -> list[dict]:
+    """``n`` problems of the task drawn with another seed, none of them in train or test."""
+    from oreo_fast.tasks.arithmetic import ArithmeticConfig, generate_splits
+
+    seen = {r["question"] for split in ("train", "test")
+            for _, r in read_jsonl(default / f"{split}.jsonl")}
+    _, pool = generate_splits(ArithmeticConfig(seed=seed, n_train=0, n_test=n + n // 2 + 100))
+    fresh = [r for r in pool if r["question"] not in seen][:n]
+    if len(fresh) < n:
+        raise ValueError(f"only {len(fresh)} validation problems outside train and test")
+    return [dict(r, id=f"val-{i}") for i, r in enumerate(fresh)]
 
 
 def _stage(name: str, done: Path, reuse: bool, times: dict, fn):
@@ -62,12 +74,10 @@ def run_demo(config: DemoConfig) -> dict:
 
     def build():
         build_default(EmbeddedConfig(out=str(default)))
-        rows = [r for _, r in read_jsonl(default / "train.jsonl")]
-        write_jsonl(default / "val.jsonl", rows[-config.n_val:])
-        write_jsonl(default / "train_main.jsonl", rows[:-config.n_val])
+        write_jsonl(default / "val.jsonl", validation_problems(default, config.n_val))
 
-    _stage("embedded default", default / "train_main.jsonl", config.reuse, times, build)
-    train, val, test = default / "train_main.jsonl", default / "val.jsonl", default / "test.jsonl"
+    _stage("embedded default", default / "val.jsonl", config.reuse, times, build)
+    train, val, test = default / "train.jsonl", default / "val.jsonl", default / "test.jsonl"
     _stage("sft", out / "sft" / "config.json", config.reuse, times, lambda: run_sft(
         SFTConfig(model=str(default / "model"), train=str(train), out=str(out / "sft"))))
     trajectories = out / "trajectories.jsonl"

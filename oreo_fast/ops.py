@@ -153,6 +153,15 @@ def _active_rows(mask: torch.Tensor):
 # ---------------------------------------------------------------- logits level
 
 
+def _upstream(grad_logp, grad_kl, compute_kl: bool, like: torch.Tensor):
+    """Upstream gradients in the compute dtype; grad_kl None when the KL was not computed or
+    not used, so that the backward skips everything only the KL gradient needs (the
+    reference logits)."""
+    grad_logp = torch.zeros_like(like) if grad_logp is None else grad_logp.to(like.dtype)
+    grad_kl = None if grad_kl is None or not compute_kl else grad_kl.to(like.dtype)
+    return grad_logp, grad_kl
+
+
 class _LogitsLevel(torch.autograd.Function):
     """Forward saves the log-sum-exps and the KL per token; backward re-reads the logits."""
 
@@ -171,16 +180,15 @@ class _LogitsLevel(torch.autograd.Function):
             )
         ctx.save_for_backward(logits, ref_logits, actions, mask, lse, ref_lse, kl)
         ctx.impl, ctx.inplace_backward, ctx.block_v = impl, inplace_backward, block_v
+        ctx.compute_kl = compute_kl
         ctx.mark_non_differentiable(ref_logp)
+        ctx.set_materialize_grads(False)  # an unused output's gradient stays None
         return logp, ref_logp, kl
 
     @staticmethod
     def backward(ctx, grad_logp, _grad_ref_logp, grad_kl):
         logits, ref_logits, actions, mask, lse, ref_lse, kl = ctx.saved_tensors
-        if grad_logp is None:
-            grad_logp = torch.zeros_like(lse)
-        grad_logp = grad_logp.to(lse.dtype)
-        grad_kl = None if grad_kl is None else grad_kl.to(lse.dtype)
+        grad_logp, grad_kl = _upstream(grad_logp, grad_kl, ctx.compute_kl, lse)
         if ctx.impl == "triton":
             from oreo_fast.kernels.token_logprobs_kl import logprobs_kl_backward
 
@@ -333,17 +341,16 @@ class _HiddenLevel(torch.autograd.Function):
         ctx.save_for_backward(hidden, weight, ref_hidden, ref_weight, actions, lse, ref_lse, kl,
                               b_idx, t_idx)
         ctx.impl, ctx.chunk_rows, ctx.block_v = impl, chunk_rows, block_v
+        ctx.compute_kl = compute_kl
         ctx.mark_non_differentiable(ref_logp)
+        ctx.set_materialize_grads(False)  # an unused output's gradient stays None
         return logp, ref_logp, kl
 
     @staticmethod
     def backward(ctx, grad_logp, _grad_ref_logp, grad_kl):
         (hidden, weight, ref_hidden, ref_weight, actions, lse, ref_lse, kl,
          b_idx, t_idx) = ctx.saved_tensors
-        if grad_logp is None:
-            grad_logp = torch.zeros_like(lse)
-        grad_logp = grad_logp.to(lse.dtype)
-        grad_kl = None if grad_kl is None else grad_kl.to(lse.dtype)
+        grad_logp, grad_kl = _upstream(grad_logp, grad_kl, ctx.compute_kl, lse)
         grad_hidden = torch.zeros_like(hidden)
         # the weight gradient accumulates in float32 (float64 stays float64) across chunks
         acc_dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32

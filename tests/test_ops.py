@@ -169,13 +169,35 @@ def test_fused_linear_matches_logits_level(impl, V, chunk_rows, block_v):
 
 @pytest.mark.parametrize("impl", IMPLS)
 def test_fused_linear_without_kl_skips_the_reference_recompute(impl):
-    inputs = make_inputs(2, 4, 30, H=6)
+    """With the KL off the backward must not touch the reference: poisoning its inputs after
+    the forward leaves the gradients finite and equal to the reference implementation's."""
+    hidden, weight, ref_hidden, ref_weight, actions, mask = make_inputs(2, 4, 30, H=6)
     g_logp, _ = upstream(2, 4)
-    zero = torch.zeros(2, 4, dtype=F64)
-    expected = run_fused("reference", *inputs, g_logp, zero)
-    got = run_fused(impl, *inputs, g_logp, zero, compute_kl=False, chunk_rows=3)
-    for i in (0, 1, 3, 4):
-        torch.testing.assert_close(got[i], expected[i], rtol=1e-10, atol=1e-10)
+    expected = run_fused("reference", hidden, weight, ref_hidden, ref_weight, actions, mask,
+                         g_logp, torch.zeros(2, 4, dtype=F64))
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    ref_h, ref_w = ref_hidden.clone(), ref_weight.clone()
+    logp, _, kl = ops.fused_linear_token_logprobs_kl(h, w, ref_h, ref_w, actions, mask,
+                                                     impl=impl, compute_kl=False, chunk_rows=3)
+    ref_h.data.fill_(float("nan"))  # .data: no version bump, a read would see NaN
+    ref_w.data.fill_(float("nan"))
+    (logp * g_logp).sum().backward()
+    assert (kl == 0).all()
+    torch.testing.assert_close(logp.detach(), expected[0], rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(h.grad, expected[3], rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(w.grad, expected[4], rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_unused_kl_output_skips_the_reference_in_backward(impl):
+    """KL computed but not in the loss: the logits-level backward must not read the reference."""
+    logits, ref, actions, mask = make_inputs(2, 3, 9)
+    z = logits.detach().clone().requires_grad_()
+    r = ref.clone()
+    logp, _, _ = ops.token_logprobs_kl(z, r, actions, mask, impl=impl)
+    r.data.fill_(float("nan"))
+    logp.sum().backward()
+    assert torch.isfinite(z.grad).all()
 
 
 @pytest.mark.parametrize("impl", IMPLS)
