@@ -9,6 +9,8 @@ Test hooks (environment variables, read only by the trainer; never set them in r
 
 - ``OREO_FAULT_EXIT_AT_STEP=RANK:STEP``: process RANK raises after optimizer step STEP (a rank
   that dies in the middle of training);
+- ``OREO_FAULT_HANG_AT_STEP=RANK:STEP``: process RANK stops responding after step STEP (a
+  stuck rank: the others fail after ``collective_timeout_s``);
 - ``OREO_FAULT_STEP_DELAY_S=SECONDS``: sleep after every step (a window for kill -9 tests).
 """
 from __future__ import annotations
@@ -208,9 +210,11 @@ def inject(step: int, rank: int) -> None:
     delay = os.environ.get("OREO_FAULT_STEP_DELAY_S")
     if delay:
         time.sleep(float(delay))
-    target = os.environ.get("OREO_FAULT_EXIT_AT_STEP")
-    if target:
-        fault_rank, fault_step = (int(x) for x in target.split(":"))
-        if rank == fault_rank and step == fault_step:
-            raise RuntimeError(f"OREO_FAULT_EXIT_AT_STEP: rank {rank} fails after step {step} "
-                               "(injected fault)")
+    for hook in ("OREO_FAULT_EXIT_AT_STEP", "OREO_FAULT_HANG_AT_STEP"):
+        target = os.environ.get(hook)
+        if not target or [int(x) for x in target.split(":")] != [rank, step]:
+            continue
+        if hook == "OREO_FAULT_HANG_AT_STEP":
+            print(f"{hook}: rank {rank} hangs after step {step} (injected fault)", flush=True)
+            time.sleep(24 * 3600)
+        raise RuntimeError(f"{hook}: rank {rank} fails after step {step} (injected fault)")

@@ -481,3 +481,18 @@ def test_a_dead_rank_fails_the_run_within_a_bounded_time(tiny, tmp_path):  # noq
     assert "rank 1 fails after step 2 (injected fault)" in proc.stderr
     assert elapsed < bound + 60, elapsed  # start-up + the bounded wait, not a hang
     assert not (tmp_path / "dead" / "policy").exists()
+
+
+@pytest.mark.slow
+def test_a_stuck_rank_fails_the_run_after_the_collective_timeout(tiny, tmp_path):  # noqa: F811
+    root, _, _ = tiny
+    bound = 6
+    start = time.time()
+    proc = subprocess.run(_torchrun(root, tmp_path / "stuck", f"collective_timeout_s={bound}"),
+                          env=_env(OREO_FAULT_HANG_AT_STEP="1:2"), capture_output=True, text=True,
+                          timeout=120)
+    elapsed = time.time() - start
+    print(f"torchrun exited {proc.returncode} after {elapsed:.1f} s")
+    assert "rank 1 hangs after step 2 (injected fault)" in proc.stdout
+    assert proc.returncode != 0
+    assert elapsed < bound + 45, elapsed  # start-up + the timeout, not a hang
