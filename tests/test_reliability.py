@@ -426,12 +426,30 @@ def _outputs(out):
         ValueModel.from_pretrained(out / "value").state_dict()
 
 
-@pytest.mark.slow
-def test_kill_9_at_a_random_step_then_resume_is_bit_exact(tiny, tmp_path):  # noqa: F811
-    root, _, _ = tiny
-    full = subprocess.run(_torchrun(root, tmp_path / "full"), env=_env(), capture_output=True,
-                          text=True, timeout=300)
+@pytest.fixture(scope="module")
+def full_run(tiny, tmp_path_factory):  # noqa: F811
+    """An uninterrupted 2-process run (6 steps) to compare against."""
+    root, out = tiny[0], tmp_path_factory.mktemp("full") / "run"
+    full = subprocess.run(_torchrun(root, out), env=_env(), capture_output=True, text=True,
+                          timeout=300)
     assert full.returncode == 0, full.stderr[-3000:]
+    return _outputs(out)
+
+
+def _assert_same_run(expected, out):
+    (rows_a, pol_a, val_a), (rows_b, pol_b, val_b) = expected, _outputs(out)
+    keys = ("step", "loss", "value_loss", "policy_loss", "kl", "policy_grad_norm",
+            "value_grad_norm", "policy_lr", "tokens", "skipped")
+    assert len(rows_a) == 6
+    assert [[r[k] for k in keys] for r in rows_b] == [[r[k] for k in keys] for r in rows_a]
+    for a, b in ((pol_a, pol_b), (val_a, val_b)):
+        for k in a:
+            assert torch.equal(a[k], b[k]), k
+
+
+@pytest.mark.slow
+def test_kill_9_at_a_random_step_then_resume_is_bit_exact(tiny, full_run, tmp_path):  # noqa: F811
+    root, _, _ = tiny
     kill_after = random.randint(1, 4)  # of 6 steps; a checkpoint after every step
     print(f"kill -9 after checkpoint step-{kill_after} exists")
     out = tmp_path / "killed"
@@ -456,15 +474,24 @@ def test_kill_9_at_a_random_step_then_resume_is_bit_exact(tiny, tmp_path):  # no
                                        "resume=true"), env=_env(), capture_output=True, text=True,
                              timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    (rows_a, pol_a, val_a), (rows_b, pol_b, val_b) = _outputs(tmp_path / "full"), _outputs(out)
-    keys = ("step", "loss", "value_loss", "policy_loss", "kl", "policy_grad_norm",
-            "value_grad_norm", "policy_lr", "tokens", "skipped")
-    assert len(rows_a) == 6
-    assert [[r[k] for k in keys] for r in rows_b] == [[r[k] for k in keys] for r in rows_a]
-    for a, b in ((pol_a, pol_b), (val_a, val_b)):
-        for k in a:
-            assert torch.equal(a[k], b[k]), k
-    assert any(not torch.equal(pol_a[k], v) for k, v in load_policy(root / "policy").state_dict().items())
+    _assert_same_run(full_run, out)
+    assert any(not torch.equal(full_run[1][k], v)
+               for k, v in load_policy(root / "policy").state_dict().items())
+
+
+@pytest.mark.slow
+def test_elastic_restart_resumes_exactly(tiny, full_run, tmp_path):  # noqa: F811
+    """torchrun --max-restarts=1 and resume=true: rank 1 dies after step 3, torchrun restarts
+    the group, which continues from checkpoint step-3 to the same result as no failure."""
+    root, _, _ = tiny
+    out = tmp_path / "elastic"
+    cmd = _torchrun(root, out, "save_every=1", "resume=true")
+    cmd.insert(3, "--max-restarts=1")
+    proc = subprocess.run(cmd, env=_env(OREO_FAULT_EXIT_AT_STEP="1:3"), capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "rank 1 fails after step 3 (injected fault)" in proc.stderr  # it did fail once
+    _assert_same_run(full_run, out)
 
 
 @pytest.mark.slow
