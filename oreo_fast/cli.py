@@ -208,9 +208,12 @@ def main(argv: list[str] | None = None) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
+    from oreo_fast.config import ConfigError
+    from oreo_fast.faults import NonFiniteError
+
     try:
         args.func(args)
-    except DataError as e:
+    except (DataError, ConfigError, NonFiniteError) as e:
         print(f"oreo-fast: error: {e}", file=sys.stderr)
         return 2
     return 0

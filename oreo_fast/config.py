@@ -62,6 +62,8 @@ class TrainConfig:
     save_every: int = 0  # optimizer steps between checkpoints (output_dir/checkpoints); 0 = none
     keep_checkpoints: int = 2  # the newest N checkpoints are kept
     resume: bool = False  # continue from the newest complete checkpoint in output_dir
+    max_bad_steps: int = 5  # stop after this many consecutive steps with NaN/Inf loss or grads
+    collective_timeout_s: float = 600.0  # a dead or stuck rank fails the others after this
     progress: bool = True
     tensorboard: bool = False
     wandb: bool = False
@@ -98,6 +100,10 @@ class TrainConfig:
             bad("max_steps", "must be >= 0")
         if self.save_every < 0:
             bad("save_every", "must be >= 0")
+        if self.max_bad_steps < 1:
+            bad("max_bad_steps", "must be >= 1")
+        if not math.isfinite(self.collective_timeout_s) or self.collective_timeout_s <= 0:
+            bad("collective_timeout_s", "must be a finite number > 0")
         if self.keep_checkpoints < 1:
             bad("keep_checkpoints", "must be >= 1")
         if not 0 <= self.warmup_ratio < 1:
@@ -136,8 +142,8 @@ def _coerce(value, annotation, key: str):
             raise ConfigError(f"{key}: expected an integer, got {value!r}")
         try:
             as_float = float(value)
-        except (TypeError, ValueError):
-            raise ConfigError(f"{key}: expected an integer, got {value!r}") from None
+        except (TypeError, ValueError, OverflowError):
+            raise ConfigError(f"{key}: expected an integer, got {value!r:.40}") from None
         if not as_float.is_integer():
             raise ConfigError(f"{key}: expected an integer, got {value!r}")
         return int(as_float)
@@ -146,8 +152,8 @@ def _coerce(value, annotation, key: str):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
         try:
             return float(value)
-        except (TypeError, ValueError):
-            raise ConfigError(f"{key}: expected a number, got {value!r}") from None
+        except (TypeError, ValueError, OverflowError):
+            raise ConfigError(f"{key}: expected a number, got {value!r:.40}") from None
     if annotation is str:
         if not isinstance(value, (str, int, float)) or isinstance(value, bool):
             raise ConfigError(f"{key}: expected a string, got {value!r}")

@@ -92,8 +92,13 @@ def read_trajectories(path, tokenizer, max_length: int, delimiters: list[str] | 
     for lineno, record in read_jsonl(path):
         prompt = require(record, "prompt", str, path, lineno, allow_empty=True)
         reward = require(record, "reward", (int, float, bool), path, lineno)
-        if not math.isfinite(float(reward)):
-            raise DataError(f"reward must be finite, got {reward}", path, lineno, "reward")
+        try:
+            reward = float(reward)
+        except OverflowError:  # an integer too large for a float
+            reward = math.inf
+        if not math.isfinite(reward):
+            raise DataError(f"reward must be finite, got {record['reward']!r:.40}", path,
+                            lineno, "reward")
         if "turns" in record:
             turns = _read_turns(record["turns"], path, lineno)
         else:

@@ -33,12 +33,24 @@ class DataError(ValueError):
 
 
 def read_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict[str, Any]]]:
-    """Yield ``(line_number, record)`` for each non-blank line; every record must be an object."""
+    """Yield ``(line_number, record)`` for each non-blank line; every record must be an object.
+
+    Any content, arbitrary bytes included, either parses or raises a :class:`DataError`: bad
+    UTF-8, malformed or too deeply nested JSON, integers too long to convert, lone surrogates.
+    """
     path = Path(path)
     if not path.is_file():
         raise DataError("no such file", path)
-    with open(path, encoding="utf-8") as f:
-        for lineno, text in enumerate(f, start=1):
+    try:
+        f = open(path, "rb")
+    except OSError as e:
+        raise DataError(f"cannot read ({e.strerror})", path) from None
+    with f:
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"not valid UTF-8 (byte {e.start + 1})", path, lineno) from None
             if not text.strip():
                 continue
             try:
@@ -46,6 +58,9 @@ def read_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict[str, Any]]]:
             except json.JSONDecodeError as e:
                 raise DataError(f"malformed JSON ({e.msg} at column {e.colno})", path,
                                 lineno) from None
+            except (ValueError, RecursionError) as e:  # e.g. a 5000-digit integer, [[[[...
+                reason = "nested too deeply" if isinstance(e, RecursionError) else str(e)
+                raise DataError(f"malformed JSON ({reason})", path, lineno) from None
             if not isinstance(record, dict):
                 raise DataError(f"expected a JSON object, got {type(record).__name__}", path,
                                 lineno)
@@ -63,8 +78,14 @@ def require(record: dict, field: str, types: type | tuple[type, ...], path, line
     if not isinstance(value, types) or (isinstance(value, bool) and bool not in _as_tuple(types)):
         names = "/".join(t.__name__ for t in _as_tuple(types))
         raise DataError(f"expected {names}, got {type(value).__name__}", path, lineno, field)
-    if isinstance(value, str) and not allow_empty and not value.strip():
-        raise DataError("empty", path, lineno, field)
+    if isinstance(value, str):
+        if not allow_empty and not value.strip():
+            raise DataError("empty", path, lineno, field)
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise DataError("not valid Unicode (a lone surrogate escape)", path, lineno,
+                            field) from None
     return value
 
 
@@ -85,6 +106,7 @@ def atomic_open(path: str | os.PathLike, mode: str = "w"):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        fsync_dir(path.parent)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -108,15 +130,41 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
         f.write("\n")
 
 
+def fsync_dir(path: str | os.PathLike) -> None:
+    """Make a folder's entries (new, renamed or removed names) durable."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # pragma: no cover - platforms without directory fds
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover - some file systems refuse fsync on folders
+        pass
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(root: str | os.PathLike) -> None:
+    """fsync every file and folder under ``root`` (and root itself), deepest first."""
+    for folder, _, files in os.walk(root, topdown=False):
+        for name in files:
+            with open(os.path.join(folder, name), "rb") as f:
+                os.fsync(f.fileno())
+        fsync_dir(folder)
+
+
 @contextmanager
 def atomic_dir(path: str | os.PathLike):
-    """Yield a temporary folder next to ``path``; on success it replaces ``path`` (an existing
-    folder there is removed only then), on error it is deleted."""
+    """Yield a temporary folder next to ``path``; on success its files and folders are
+    fsynced and it replaces ``path`` by a rename (an existing folder there is removed only
+    then), on error it is deleted. A crash at any point leaves either the old folder or the
+    new one complete, never a mix; left-over temporary folders start with a dot."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
         yield tmp
+        fsync_tree(tmp)
         if path.exists():
             old = path.with_name(f".{path.name}.old.{os.getpid()}")
             os.replace(path, old)
@@ -124,6 +172,7 @@ def atomic_dir(path: str | os.PathLike):
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, path)
+        fsync_dir(path.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

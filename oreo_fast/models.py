@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from oreo_fast.faults import ModelDirError, check_model_dir
 from oreo_fast.jsonl import atomic_dir
 
 VALUE_HEAD_FILE = "value_head.safetensors"
@@ -78,9 +79,10 @@ def load_policy(path: str | os.PathLike, dtype: str | torch.dtype | None = "floa
     """Any local causal-LM checkpoint folder (the policy, or the frozen reference)."""
     from transformers import AutoModelForCausalLM
 
+    check_model_dir(path)
     model = AutoModelForCausalLM.from_pretrained(
         str(path), dtype=_dtype(dtype), trust_remote_code=trust_remote_code,
-        attn_implementation=attn_implementation)
+        attn_implementation=attn_implementation, use_safetensors=True)
     return model.eval()
 
 
@@ -128,12 +130,17 @@ class ValueModel(nn.Module):
         from safetensors.torch import load_file
         from transformers import AutoModel
 
-        path = Path(path)
+        path = check_model_dir(path, "value model")
         config = json.loads((path / "config.json").read_text(encoding="utf-8"))
         saved = config.get(VALUE_CONFIG_KEY)
+        if saved is not None and not isinstance(saved, dict):
+            raise ModelDirError(f"config.json: {VALUE_CONFIG_KEY} is not an object", path)
+        if saved is not None and not (path / saved.get("head", VALUE_HEAD_FILE)).is_file():
+            raise ModelDirError(f"value model without its head file "
+                                f"{saved.get('head', VALUE_HEAD_FILE)}", path)
         backbone = AutoModel.from_pretrained(
             str(path), dtype=_dtype(dtype), trust_remote_code=trust_remote_code,
-            attn_implementation=attn_implementation)
+            attn_implementation=attn_implementation, use_safetensors=True)
         if saved is None:
             base_info = {"base_model_type": config.get("model_type"),
                          "base_architectures": config.get("architectures") or []}

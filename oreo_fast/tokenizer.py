@@ -49,6 +49,9 @@ def load_tokenizer(path: str | os.PathLike, trust_remote_code: bool = False):
     padding is on the left, as batched generation needs."""
     from transformers import AutoTokenizer
 
+    from oreo_fast.faults import check_tokenizer_dir
+
+    check_tokenizer_dir(path)
     tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token

@@ -16,6 +16,7 @@ rejection-sampling baseline (cross-entropy on the reward-1 trajectories) with th
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import math
 import os
@@ -27,10 +28,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from oreo_fast import checkpoint, ops, reference
-from oreo_fast.config import TrainConfig, load_config, save_config
+from oreo_fast import checkpoint, faults, ops, reference
+from oreo_fast.config import ConfigError, TrainConfig, load_config, save_config
 from oreo_fast.data import collate, plan_global_batches, rank_micro_batches, read_trajectories
-from oreo_fast.jsonl import atomic_dir, atomic_open
+from oreo_fast.faults import NonFiniteError
+from oreo_fast.jsonl import DataError, atomic_dir, atomic_open
 from oreo_fast.models import ValueModel, load_policy
 from oreo_fast.tokenizer import load_tokenizer
 
@@ -134,11 +136,14 @@ class Trainer:
         self.use_fsdp = self.distributed or self.compute_dtype != master
         if self.use_fsdp and not dist.is_initialized():
             backend = "nccl" if self.device.type == "cuda" else "gloo"
+            # bounded: a dead or stuck rank makes the others fail instead of hanging
+            timeout = datetime.timedelta(seconds=config.collective_timeout_s)
             if self.distributed:
-                dist.init_process_group(backend)
+                dist.init_process_group(backend, timeout=timeout)
             else:
                 store = dist.HashStore()
-                dist.init_process_group(backend, store=store, rank=0, world_size=1)
+                dist.init_process_group(backend, store=store, rank=0, world_size=1,
+                                        timeout=timeout)
         self.rank = dist.get_rank() if self.distributed else 0
         self.world_size = dist.get_world_size() if self.distributed else 1
         self.output_dir = Path(config.output_dir)
@@ -164,6 +169,7 @@ class Trainer:
 
     def _build(self):
         cfg = self.config
+        faults.check_train_inputs(cfg, self.output_dir)
         torch.manual_seed(cfg.seed)
         self.tokenizer = load_tokenizer(cfg.policy, trust_remote_code=cfg.trust_remote_code)
         if cfg.liger:
@@ -182,11 +188,10 @@ class Trainer:
             reference_model = load_policy(cfg.reference or cfg.policy, **{**kw, "dtype": compute})
             reference_model.requires_grad_(False)
             value_model = ValueModel.from_pretrained(value_init, **kw)
-            for name, other in (("reference", reference_model.config),
-                                ("value", value_model.config)):
-                if other.vocab_size != policy.config.vocab_size:
-                    raise ValueError(f"{name} vocabulary {other.vocab_size} differs from the "
-                                     f"policy's {policy.config.vocab_size}")
+            faults.check_same_vocabulary({
+                "policy": (Path(cfg.policy), policy.config),
+                "reference": (Path(cfg.reference or cfg.policy), reference_model.config),
+                "value": (Path(value_init), value_model.config)})
             self.reference, self.value = HiddenStates(reference_model), Values(value_model)
         if cfg.gradient_checkpointing:
             for model in [policy] + ([value_model.backbone] if self.oreo else []):
@@ -229,6 +234,8 @@ class Trainer:
         factor = cosine_with_warmup(self.total_steps, cfg.warmup_ratio, cfg.min_lr_ratio)
         self.schedulers = [torch.optim.lr_scheduler.LambdaLR(o, factor) for o in self.optimizers]
         self.step = 0
+        self.skipped_steps = 0  # steps skipped for a non-finite loss or gradient
+        self.bad_in_row = 0  # consecutive ones, up to now
         self.history: list[dict] = []
         if self.resume_from is not None:
             self._load_trainer_state(self.resume_from / checkpoint.STATE_DIR)
@@ -304,20 +311,33 @@ class Trainer:
             (loss * self.world_size).backward()
             for k, v in metrics.items():
                 totals[k] = totals.get(k, 0) + v.float()
-        keys = sorted(totals)
-        stacked = torch.stack([totals[k] for k in keys] + [torch.tensor(float(tokens), device=self.device)])
-        if self.distributed:
-            dist.all_reduce(stacked)
-        values = dict(zip(keys + ["tokens"], stacked.tolist()))
-        grad_norms = []
-        for optimizer, scheduler, module in zip(self.optimizers, self.schedulers,
-                                                self._trained_modules()):
+        norms = []
+        for module in self._trained_modules():
             norm = torch.nn.utils.clip_grad_norm_(module.parameters(), cfg.grad_clip or float("inf"))
-            grad_norms.append(float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm))
-            optimizer.step()
+            norms.append((norm.full_tensor() if hasattr(norm, "full_tensor") else norm).float())
+        norms = torch.stack(norms).to(self.device)
+        # non-finite guard, on device: this rank's loss and the (global) gradient norms
+        bad = ~(torch.isfinite(totals["loss"]) & torch.isfinite(norms).all())
+        keys = sorted(totals)
+        stacked = torch.stack([totals[k] for k in keys] + [
+            torch.tensor(float(tokens), device=self.device), bad.float()])
+        if self.distributed:
+            dist.all_reduce(stacked)  # a bad step on any rank is bad on all
+        # the step's one host synchronisation: metrics, gradient norms and the flag together
+        reduced = torch.cat([stacked, norms]).tolist()
+        values = dict(zip(keys + ["tokens", "bad_ranks"], reduced))
+        grad_norms = reduced[len(stacked):]
+        finite = values.pop("bad_ranks") == 0
+        for optimizer, scheduler in zip(self.optimizers, self.schedulers):
+            if finite:  # a non-finite step leaves parameters and Adam moments untouched
+                optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            scheduler.step()
+            scheduler.step()  # the schedule follows the data position, skipped or not
         self.step += 1
+        self.bad_in_row = 0 if finite else self.bad_in_row + 1
+        self.skipped_steps += not finite
+        values["skipped"] = int(not finite)
+        values["skipped_steps"] = self.skipped_steps
         n = max(values.pop("sequences"), 1.0)
         for k in ("kl", "residual_abs", "first_value", "first_advantage"):
             if k in values:
@@ -367,8 +387,12 @@ class Trainer:
                     bar.update(1)
                     bar.set_postfix(loss=f"{values['loss']:.4f}",
                                     tok_s=f"{values['tokens_per_second']:.0f}")
+                if values["skipped"]:
+                    faults.bad_step(self.step, self.bad_in_row, self.skipped_steps,
+                                    cfg.max_bad_steps, warn=self.rank == 0)
                 if cfg.save_every and self.step % cfg.save_every == 0:
                     self.save_checkpoint()
+                faults.inject(self.step, self.rank)
         if bar is not None:
             bar.close()
         sinks.close()
@@ -422,8 +446,22 @@ class Trainer:
                                    for k, v in value_state.items()})
             value.save_pretrained(out_dir / "value", tokenizer=self.tokenizer)
 
+    def _check_finite(self, what: str) -> None:
+        """Refuse to write NaN/Inf: parameters and optimizer states, every rank's shards (one
+        all-reduce and one host sync per save)."""
+        tensors = [p for m in self._trained_modules() for p in m.parameters()]
+        tensors += [v for o in self.optimizers for state in o.state.values()
+                    for v in state.values() if isinstance(v, torch.Tensor)]
+        ok = faults.local_all_finite(tensors).float().to(self.device)
+        if self.distributed:
+            dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+        if not ok.item():
+            raise NonFiniteError(f"step {self.step}: the parameters or optimizer states hold "
+                                 f"NaN/Inf values; {what} not written")
+
     def save(self, out_dir: Path):
         """Policy and value as Hugging Face folders (safetensors), written atomically."""
+        self._check_finite(f"the models in {out_dir}")
         policy_state = self._full_state(self.policy)
         value_state = self._full_state(self.value) if self.oreo else None
         if self.rank == 0:
@@ -434,12 +472,13 @@ class Trainer:
     def save_checkpoint(self) -> None:
         """output_dir/checkpoints/step-N: models, optimizer and scheduler states, the step and
         the metrics so far; atomic, the newest ``keep_checkpoints`` kept."""
+        self._check_finite(f"checkpoint step-{self.step}")
         states = [self._full_state(m) for m in self._trained_modules()]
         optimizer_states = [self._full_optimizer_state(m, o)
                             for m, o in zip(self._trained_modules(), self.optimizers)]
         if self.rank == 0:
             root = self.output_dir / "checkpoints"
-            tensors, optimizer_meta = {"rng::torch": torch.get_rng_state()}, []
+            tensors, optimizer_meta = checkpoint.rng_tensors(), []
             for i, state in enumerate(optimizer_states):
                 t, meta = checkpoint.flatten_optimizer_state(state)
                 tensors.update({f"optimizer{i}::{k}": v for k, v in t.items()})
@@ -447,7 +486,9 @@ class Trainer:
             schedulers = [{k: v for k, v in s.state_dict().items() if k != "lr_lambdas"}
                           for s in self.schedulers]
             meta = {"step": self.step, "optimizers": optimizer_meta, "schedulers": schedulers,
-                    "history": self.history, "world_size": self.world_size}
+                    "history": self.history, "world_size": self.world_size,
+                    "skipped_steps": self.skipped_steps, "bad_in_row": self.bad_in_row,
+                    "python_random": checkpoint.python_rng_state()}
             with atomic_dir(root / f"step-{self.step}") as tmp:
                 self._write_models(tmp, states[0], states[1] if self.oreo else None)
                 checkpoint.write_state(tmp / checkpoint.STATE_DIR, meta, tensors)
@@ -467,8 +508,9 @@ class Trainer:
                                      options=StateDictOptions(full_state_dict=self.use_fsdp))
         for scheduler, state in zip(self.schedulers, meta["schedulers"]):
             scheduler.load_state_dict({**scheduler.state_dict(), **state})
-        torch.set_rng_state(tensors["rng::torch"])
+        checkpoint.restore_rng(tensors, meta)
         self.step, self.history = meta["step"], meta["history"]
+        self.skipped_steps, self.bad_in_row = meta["skipped_steps"], meta["bad_in_row"]
 
 
 class MetricSinks:
@@ -538,9 +580,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", help="JSON or TOML file of TrainConfig keys")
     parser.add_argument("overrides", nargs="*", help="key=value overrides of the config")
     args = parser.parse_args(argv)
-    config = load_config(args.config, args.overrides)
-    trainer = Trainer(config)
-    summary = trainer.fit()
+    try:
+        config = load_config(args.config, args.overrides)
+        trainer = Trainer(config)
+        summary = trainer.fit()
+    except (DataError, ConfigError, NonFiniteError) as e:
+        # every rank meets these alike; one line each, no stack trace, exit status 2
+        rank = os.environ.get("RANK")
+        print(f"oreo-fast train: error{f' (rank {rank})' if rank else ''}: {e}", file=sys.stderr)
+        sys.exit(2)
     if trainer.rank == 0:
         print(json.dumps({k: v for k, v in summary.items() if k != "final"}))
     if dist.is_initialized():
