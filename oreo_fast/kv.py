@@ -1,0 +1,113 @@
+"""Row-indexed KV caches for the beam search: prefill, expand a parent's rows to its children,
+keep the selected rows with their holes squeezed out, feed tokens with explicit positions.
+
+A ``KV`` is a transformers ``DynamicCache`` plus, per row, the 2D attention mask over its
+columns (0 for left padding and for holes left by rows that stopped early) and the position
+of the row's next real token. Positions never come from column indices: a row's columns may
+hold padding, and a position counted from columns would silently shift RoPE.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from oreo_fast.models import left_pad
+
+
+@dataclass
+class KV:
+    cache: object  # transformers DynamicCache, [rows, heads, columns, head_dim] per layer
+    mask: torch.Tensor  # [rows, columns] 1 = a real token
+    next_pos: torch.Tensor  # [rows] position of each row's next real token
+
+    def forward_tokens(self, model, ids: torch.Tensor, mask: torch.Tensor, counts,
+                       which: str) -> torch.Tensor:
+        """Feed ``ids`` [R, T] (``mask`` 1 = real; real tokens first in each row, then
+        padding) after the cached columns; returns the policy's logits or the value model's
+        values for every fed position, and updates the cache, mask and positions."""
+        positions = self.next_pos[:, None] + (mask.cumsum(1) - 1).clamp(min=0)
+        full_mask = torch.cat([self.mask, mask], dim=1)
+        kwargs = {"logits_to_keep": 1} if ids.shape[1] == 1 and _is_lm(model) else {}
+        out = model(input_ids=ids, attention_mask=full_mask, position_ids=positions,
+                    past_key_values=self.cache, use_cache=True, **kwargs)
+        self.mask = full_mask
+        self.next_pos = self.next_pos + mask.sum(1)
+        _count(counts, which, mask)
+        return out.logits if _is_lm(model) else out.values
+
+
+def _is_lm(model) -> bool:
+    return not hasattr(model, "value_head")
+
+
+def _count(counts, which: str, mask: torch.Tensor) -> None:
+    if counts is None:
+        return
+    real = int(mask.sum())
+    setattr(counts, which, getattr(counts, which) + real)
+    counts.padded_slots += mask.numel() - real
+
+
+def _new_cache(layers: list[tuple[torch.Tensor, torch.Tensor]]):
+    from transformers import DynamicCache
+
+    cache = DynamicCache()
+    for i, (k, v) in enumerate(layers):
+        cache.update(k, v, i)
+    return cache
+
+
+def _layers(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    return [(layer.keys, layer.values) for layer in cache.layers]
+
+
+def prefill(model, sequences: list[list[int]], pad_id: int, counts, which: str,
+            values: bool = False):
+    """Encode left-padded ``sequences`` once. Returns the KV (and, with ``values``, the
+    value model's V at each sequence's last token)."""
+    from transformers import DynamicCache
+
+    device = next(model.parameters()).device
+    ids, mask, positions = (t.to(device) for t in left_pad(sequences, pad_id))
+    cache = DynamicCache(config=model.config)
+    kwargs = {"logits_to_keep": 1} if _is_lm(model) else {}
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions,
+                past_key_values=cache, use_cache=True, **kwargs)
+    _count(counts, which, mask)
+    kv = KV(cache, mask, mask.sum(1))
+    return (kv, out.values[:, -1]) if values else kv
+
+
+def expand_rows(kv: KV, n: int) -> KV:
+    """Each row repeated ``n`` times (children next to each other). This simple path copies
+    the prefix per child; the cost that matters, recomputing it, is avoided."""
+    if n == 1:
+        layers = [(k.clone(), v.clone()) for k, v in _layers(kv.cache)]
+    else:
+        layers = [(k.repeat_interleave(n, 0), v.repeat_interleave(n, 0))
+                  for k, v in _layers(kv.cache)]
+    return KV(_new_cache(layers), kv.mask.repeat_interleave(n, 0),
+              kv.next_pos.repeat_interleave(n, 0))
+
+
+def gather_compact(kv: KV, rows: torch.Tensor) -> KV:
+    """The given rows, their real columns moved right (left padding only, no holes), so the
+    cache does not grow by the padding of every step."""
+    mask = kv.mask[rows]
+    real = mask.sum(1)
+    width = int(real.max())
+    # column order: real columns first, in order (stable sort of "is padding")
+    order = torch.sort((mask == 0).long(), dim=1, stable=True).indices[:, :width]
+    # left-pad: row r's real columns go to the right end; padding slots point at its first
+    # real column (finite values, masked out)
+    shift = width - real
+    slot = torch.arange(width, device=mask.device)[None] - shift[:, None]
+    idx = order.gather(1, slot.clamp(min=0))
+    new_mask = (slot >= 0).long()
+    layers = []
+    for k, v in _layers(kv.cache):
+        k, v = k[rows], v[rows]
+        index = idx[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[3])
+        layers.append((k.gather(2, index), v.gather(2, index)))
+    return KV(_new_cache(layers), new_mask, kv.next_pos[rows])
