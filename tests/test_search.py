@@ -18,6 +18,12 @@ SIZE = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_atten
             num_key_value_heads=1)
 
 
+def _value(tok, seed=1):
+    backbone = build_tiny_model(tok, TinyModelConfig(**SIZE, seed=seed)).model
+    return ValueModel(backbone, {"base_model_type": "qwen2",
+                                 "base_architectures": ["Qwen2ForCausalLM"]})
+
+
 @pytest.fixture(scope="module")
 def models():
     tok = build_tokenizer(TEXTS, vocab_size=300)
@@ -26,7 +32,7 @@ def models():
     bias = torch.zeros(len(tok))
     bias[[tok.eos_token_id, tok.convert_tokens_to_ids("Ċ")]] = 3.5
     policy.lm_head.register_forward_hook(lambda module, args, out: out + bias)
-    value = ValueModel(build_tiny_model(tok, TinyModelConfig(**SIZE, seed=1)).model)
+    value = _value(tok)
     torch.manual_seed(2)
     torch.nn.init.normal_(value.value_head.weight, std=1.0)  # non-zero head: values differ
     value.eval()
@@ -165,10 +171,60 @@ def test_bad_arguments_give_clear_errors(models):
         SearchConfig(candidates=0)
     other_tok = build_tokenizer(TEXTS[:5], vocab_size=280)
     assert len(other_tok) != len(tok)
-    other = ValueModel(build_tiny_model(other_tok, TinyModelConfig(**SIZE)).model)
+    other = _value(other_tok)
     with pytest.raises(ValueError, match="vocabulary"):
         beam_search(policy, other, prompts, SearchConfig(), [tok.eos_token_id], set(), 0)
     with pytest.raises(ValueError, match="tokenizer differs"):
         check_models(policy, value, tok, build_tokenizer(TEXTS[::-1][:9], vocab_size=300))
     with pytest.raises(ValueError, match="N >= 1"):
         best_of_n(policy, value, prompts, 0, None, [tok.eos_token_id], 0)
+
+
+def test_eval_cli_beam_search_best_of_n_and_errors(models, tmp_path, capsys):
+    import json
+
+    from oreo_fast.cli import main
+    from oreo_fast.models import save_checkpoint
+
+    tok, policy, value, _ = models
+    save_checkpoint(build_tiny_model(tok, TinyModelConfig(**SIZE, seed=0)), tok,
+                    tmp_path / "policy")
+    value.save_pretrained(tmp_path / "value", tokenizer=tok)
+    problems = tmp_path / "p.jsonl"
+    problems.write_text("".join(json.dumps({"question": f"start at {a}, multiply by 2.",
+                                            "answer": f"{a} * 2 = {2 * a}\n#### {2 * a}"}) + "\n"
+                                for a in (3, 4, 11)))
+    base = ["eval", "--model", str(tmp_path / "policy"), "--problems", str(problems),
+            "--n-samples", "0", "--max-new-tokens", "8"]
+    out = tmp_path / "r.json"
+    assert main(base + ["--out", str(out), "--value", str(tmp_path / "value"), "--beams", "2",
+                        "--candidates", "2", "--max-steps", "2", "--max-step-tokens", "4",
+                        "--best-of", "2"]) == 0
+    report = json.loads(out.read_text())
+    assert 0 <= report["beam_accuracy"] <= 1 and 0 <= report["best_of_2_accuracy"] <= 1
+    assert report["beam_search"]["policy_tokens"] > 0 and report["beam_search"]["value_tokens"] > 0
+    capsys.readouterr()
+    assert main(base + ["--out", str(out), "--beams", "2"]) == 2
+    assert "need --value" in capsys.readouterr().err
+    assert main(base + ["--out", str(out), "--value", str(tmp_path / "value"), "--beams", "2",
+                        "--candidates", "0"]) == 2
+    assert "candidates must be >= 1" in capsys.readouterr().err
+    other_tok = build_tokenizer(TEXTS[:5], vocab_size=280)
+    _value(other_tok).save_pretrained(
+        tmp_path / "other", tokenizer=other_tok)
+    assert main(base + ["--out", str(out), "--value", str(tmp_path / "other"), "--beams", "1"]) == 2
+    assert "vocabulary" in capsys.readouterr().err
+
+
+def test_one_beam_one_greedy_candidate_is_greedy_decoding(models):
+    from oreo_fast.generation import SamplingConfig, generate
+
+    tok, policy, value, prompts = models
+    cfg = SearchConfig(beams=1, candidates=1, max_steps=40, max_step_tokens=40, temperature=0)
+    results, _ = _run(beam_search, models, cfg)
+    greedy = generate(policy, prompts, tok.eos_token_id, tok.pad_token_id,
+                      SamplingConfig(max_new_tokens=400, temperature=0))
+    for r, [g] in zip(results, greedy):
+        # the search stops at its step limit: compare what it produced
+        assert len(r.tokens) >= min(len(g.token_ids), cfg.max_steps)
+        assert r.tokens == g.token_ids[:len(r.tokens)] and r.finished == (r.tokens == g.token_ids)

@@ -1,0 +1,85 @@
+"""Accuracy of value-guided beam search and best-of-N on a problem file (``oreo-fast eval
+--value DIR --beams B --candidates K``, ``--best-of N``): the glue between ``evaluate`` and
+``search``."""
+from __future__ import annotations
+
+import logging
+import time
+
+from oreo_fast.generation import SamplingConfig
+from oreo_fast.jsonl import DataError
+from oreo_fast.models import ValueModel
+from oreo_fast.sample import stop_token_ids
+from oreo_fast.search import (SearchConfig, TokenCounts, beam_search, best_of_n, check_models,
+                              step_end_ids)
+from oreo_fast.tasks.problems import extract_answer, is_correct
+from oreo_fast.tokenizer import load_tokenizer
+
+log = logging.getLogger("oreo_fast")
+
+
+def load_value(path: str, policy, tokenizer, dtype: str = "float32",
+               trust_remote_code: bool = False) -> ValueModel:
+    """The value model at ``path``, checked against the policy (vocabulary and tokenizer)."""
+    value = ValueModel.from_pretrained(path, dtype, trust_remote_code)
+    value.to(next(policy.parameters()).device)
+    try:
+        value_tokenizer = load_tokenizer(path, trust_remote_code)
+    except (OSError, ValueError):
+        value_tokenizer = None  # a value folder without tokenizer files: vocabulary check only
+    try:
+        check_models(policy, value, tokenizer, value_tokenizer)
+    except ValueError as e:
+        raise DataError(str(e), path) from None
+    return value
+
+
+def _final_answer(kind: str, tokenizer):
+    """A candidate is final once its text gives an answer (GSM8K ``#### N``, MATH boxed)."""
+    return lambda tokens: extract_answer(kind, tokenizer.decode(tokens)) is not None
+
+
+def search_accuracy(policy, value, tokenizer, encoded, cfg: SearchConfig,
+                    batch_size: int = 16) -> dict:
+    """Beam-search accuracy over ``encoded`` (problem, prompt ids) pairs, and the tokens each
+    model processed. Problems are batched; each problem's draws depend on its index only."""
+    t0 = time.time()
+    eos, ends = stop_token_ids(policy, tokenizer), step_end_ids(tokenizer)
+    counts, correct, predictions = TokenCounts(), 0, []
+    kinds = {p.kind for p, _ in encoded}
+    for start in range(0, len(encoded), batch_size):
+        chunk = encoded[start:start + batch_size]
+        # one is_final per batch: problems of one file share their kind
+        is_final = _final_answer(chunk[0][0].kind, tokenizer) if len(kinds) == 1 else None
+        results = beam_search(policy, value, [ids for _, ids in chunk], cfg, eos, ends,
+                              tokenizer.pad_token_id, is_final=is_final,
+                              problem_keys=list(range(start, start + len(chunk))), counts=counts)
+        for (problem, _), res in zip(chunk, results):
+            text = tokenizer.decode(res.tokens, skip_special_tokens=True)
+            answer = extract_answer(problem.kind, text)
+            ok = is_correct(problem.kind, problem.answer, answer)
+            correct += ok
+            predictions.append({"problem_id": problem.id, "response": text, "answer": answer,
+                                "value": res.value, "finished": res.finished, "correct": ok})
+    n = max(len(encoded), 1)
+    return {"accuracy": correct / n, "beams": cfg.beams, "candidates": cfg.candidates,
+            "policy_tokens": counts.policy, "value_tokens": counts.value,
+            "padded_slots": counts.padded_slots, "seconds": round(time.time() - t0, 2),
+            "predictions": predictions}
+
+
+def best_of_n_accuracy(policy, value, tokenizer, encoded, n: int, sampling: SamplingConfig,
+                       seed: int = 0, batch_size: int = 8) -> dict:
+    t0 = time.time()
+    eos = stop_token_ids(policy, tokenizer)
+    counts, correct = TokenCounts(), 0
+    for start in range(0, len(encoded), batch_size):
+        chunk = encoded[start:start + batch_size]
+        results = best_of_n(policy, value, [ids for _, ids in chunk], n, sampling, eos,
+                            tokenizer.pad_token_id, seed=seed + start, counts=counts)
+        for (problem, _), res in zip(chunk, results):
+            answer = extract_answer(problem.kind, tokenizer.decode(res.tokens,
+                                                                   skip_special_tokens=True))
+            correct += is_correct(problem.kind, problem.answer, answer)
+    return {"accuracy": correct / max(len(encoded), 1), "n": n, "value_tokens": counts.value,
+            "seconds": round(time.time() - t0, 2)}
