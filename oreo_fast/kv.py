@@ -49,12 +49,48 @@ def _count(counts, which: str, mask: torch.Tensor) -> None:
     counts.padded_slots += mask.numel() - real
 
 
-def _new_cache(layers: list[tuple[torch.Tensor, torch.Tensor]]):
+def _reserved_layer(shape, dtype, device, reserve: int):
+    """A transformers cache layer with room for ``reserve`` more columns: ``DynamicLayer``
+    concatenates, i.e. copies the whole cache for every decoded token, which dominates
+    decoding hundreds of beam rows; this one writes the new columns in place."""
+    from transformers.cache_utils import DynamicLayer
+
+    class ReservedLayer(DynamicLayer):
+        def update(self, key_states, value_states, *args, **kwargs):
+            n, new = self.keys.shape[-2], key_states.shape[-2]
+            if n + new > self._kbuf.shape[-2]:  # out of room: grow (one copy)
+                grow = lambda b: torch.cat([b[..., :n, :], torch.empty_like(  # noqa: E731
+                    b[..., :1, :]).expand(-1, -1, new + n, -1)], dim=-2)
+                self._kbuf, self._vbuf = grow(self._kbuf), grow(self._vbuf)
+            self._kbuf[..., n:n + new, :] = key_states
+            self._vbuf[..., n:n + new, :] = value_states
+            self.keys, self.values = self._kbuf[..., :n + new, :], self._vbuf[..., :n + new, :]
+            return self.keys, self.values
+
+    rows, heads, length, dim = shape
+    layer = ReservedLayer()
+    layer.dtype, layer.device, layer.is_initialized = dtype, device, True
+    layer._kbuf = torch.empty(rows, heads, length + reserve, dim, dtype=dtype, device=device)
+    layer._vbuf = torch.empty_like(layer._kbuf)
+    layer.keys, layer.values = layer._kbuf[..., :length, :], layer._vbuf[..., :length, :]
+    return layer
+
+
+def _new_cache(layers: list[tuple[torch.Tensor, torch.Tensor]], reserve: int = 0,
+               repeat: int = 1):
+    """A DynamicCache holding ``layers`` (each row repeated ``repeat`` times, children next
+    to each other) with room for ``reserve`` more columns."""
     from transformers import DynamicCache
 
     cache = DynamicCache()
-    for i, (k, v) in enumerate(layers):
-        cache.update(k, v, i)
+    cache.layers = []
+    for k, v in layers:
+        rows, heads, length, dim = k.shape
+        layer = _reserved_layer((rows * repeat, heads, length, dim), k.dtype, k.device, reserve)
+        for buf, src in ((layer._kbuf, k), (layer._vbuf, v)):
+            # one copy, broadcast over the children (no intermediate repeat_interleave)
+            buf.view(rows, repeat, heads, -1, dim)[:, :, :, :length] = src[:, None]
+        cache.layers.append(layer)
     return cache
 
 
@@ -79,15 +115,11 @@ def prefill(model, sequences: list[list[int]], pad_id: int, counts, which: str,
     return (kv, out.values[:, -1]) if values else kv
 
 
-def expand_rows(kv: KV, n: int) -> KV:
-    """Each row repeated ``n`` times (children next to each other). This simple path copies
-    the prefix per child; the cost that matters, recomputing it, is avoided."""
-    if n == 1:
-        layers = [(k.clone(), v.clone()) for k, v in _layers(kv.cache)]
-    else:
-        layers = [(k.repeat_interleave(n, 0), v.repeat_interleave(n, 0))
-                  for k, v in _layers(kv.cache)]
-    return KV(_new_cache(layers), kv.mask.repeat_interleave(n, 0),
+def expand_rows(kv: KV, n: int, reserve: int = 0) -> KV:
+    """Each row repeated ``n`` times (children next to each other), with room for
+    ``reserve`` more columns. This simple path copies the prefix once per child; the cost
+    that matters, recomputing it, is avoided."""
+    return KV(_new_cache(_layers(kv.cache), reserve, n), kv.mask.repeat_interleave(n, 0),
               kv.next_pos.repeat_interleave(n, 0))
 
 

@@ -207,7 +207,7 @@ def beam_search(policy, value_model, prompts: list[list[int]], cfg: SearchConfig
         logits = pol.forward_tokens(policy, pending[:, None], torch.ones_like(pending)[:, None],
                                     counts, "policy")[:, -1]
         # 2. children share the parent's prefix: expand by index
-        pol_c = expand_rows(pol, n_children)
+        pol_c = expand_rows(pol, n_children, reserve=cfg.max_step_tokens)
         logits = logits.repeat_interleave(n_children, dim=0)
         uniforms = []
         rank_in_problem: dict[int, int] = {}
@@ -238,7 +238,7 @@ def beam_search(policy, value_model, prompts: list[list[int]], cfg: SearchConfig
             logits = pol_c.forward_tokens(policy, feed[:, None], alive.long()[:, None],
                                           counts, "policy")[:, -1]
         # 4. the value model reads every candidate at its last token: the next step's state
-        val_c = expand_rows(val, n_children)
+        val_c = expand_rows(val, n_children, reserve=cfg.max_step_tokens)
         width = max(int(length.max()), 1)
         step_mask = (torch.arange(width, device=device)[None] < length[:, None]).long()
         cand_values = val_c.forward_tokens(value_model, steps[:, :width], step_mask, counts,

@@ -83,3 +83,47 @@ def best_of_n_accuracy(policy, value, tokenizer, encoded, n: int, sampling: Samp
             correct += is_correct(problem.kind, problem.answer, answer)
     return {"accuracy": correct / max(len(encoded), 1), "n": n, "value_tokens": counts.value,
             "seconds": round(time.time() - t0, 2)}
+
+
+# The demo's search knobs (chosen on the validation split): B = 7 as in the paper's main
+# results, K = 4 candidates per beam, steps of one line of the embedded task.
+DEMO_SEARCH = dict(beams=7, candidates=4, max_steps=10, max_step_tokens=24, temperature=1.0)
+DEMO_SWEEP_BEAMS = (1, 3, 5, 7)  # the paper's Figure 3
+
+
+def demo_beam_search(run_dir, test_file, val_file, sweep_limit: int | None = None) -> dict:
+    """The demo's "oreo_beam" stage: value-guided beam search with the OREO policy and value
+    model in ``run_dir`` on the test and validation problems, and a sweep over B (K fixed)
+    on the first ``sweep_limit`` test problems (all when None)."""
+    from pathlib import Path
+
+    from oreo_fast.models import load_policy
+    from oreo_fast.sample import encode_problems
+    from oreo_fast.tasks.problems import load_problems
+
+    run_dir = Path(run_dir)
+    tokenizer = load_tokenizer(run_dir / "policy")
+    policy = load_policy(run_dir / "policy")
+    value = load_value(str(run_dir / "value"), policy, tokenizer)
+    split = {}
+    for name, path in (("test", test_file), ("val", val_file)):
+        split[name] = encode_problems(tokenizer, load_problems(path), 512, False, str(path))[0]
+    cfg = SearchConfig(**DEMO_SEARCH)
+    out = {"config": dict(DEMO_SEARCH)}
+    for name, encoded in split.items():
+        res = search_accuracy(policy, value, tokenizer, encoded, cfg, batch_size=50)
+        out[name] = res["accuracy"]
+        out[f"{name}_tokens"] = {k: res[k] for k in ("policy_tokens", "value_tokens",
+                                                     "seconds")}
+    sweep_problems = split["test"][:sweep_limit] if sweep_limit else split["test"]
+    sweep = {}
+    for beams in DEMO_SWEEP_BEAMS:
+        if beams == cfg.beams and len(sweep_problems) == len(split["test"]):
+            sweep[beams] = out["test"]
+            continue
+        res = search_accuracy(policy, value, tokenizer, sweep_problems,
+                              SearchConfig(**{**DEMO_SEARCH, "beams": beams}), batch_size=50)
+        sweep[beams] = res["accuracy"]
+    out["sweep"] = {"candidates": cfg.candidates, "n_problems": len(sweep_problems),
+                    "accuracy_by_beams": sweep}
+    return out
