@@ -97,7 +97,7 @@ def run_demo(config: DemoConfig) -> dict:
     from oreo_fast.search_eval import demo_beam_search
 
     t0 = time.time()  # oreo_beam: value-guided beam search with OREO's policy and value
-    beam = demo_beam_search(out / "oreo", test, val)
+    beam = demo_beam_search(out / "oreo", test, val, sweep_limit=100)  # sweep: 100 problems
     accuracy["oreo_beam"], val_accuracy["oreo_beam"] = beam["test"], beam["val"]
     times["oreo_beam"] = round(time.time() - t0, 1)
     print(f"[demo] oreo_beam (B={beam['config']['beams']}, K={beam['config']['candidates']}) "
