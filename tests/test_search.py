@@ -228,3 +228,26 @@ def test_one_beam_one_greedy_candidate_is_greedy_decoding(models):
         # the search stops at its step limit: compare what it produced
         assert len(r.tokens) >= min(len(g.token_ids), cfg.max_steps)
         assert r.tokens == g.token_ids[:len(r.tokens)] and r.finished == (r.tokens == g.token_ids)
+
+
+def test_demo_beam_stage_reports_test_val_and_the_beam_sweep(models, tmp_path):
+    import json
+
+    from oreo_fast.models import save_checkpoint
+    from oreo_fast.search_eval import DEMO_SWEEP_BEAMS, demo_beam_search
+
+    tok, policy, value, _ = models
+    save_checkpoint(build_tiny_model(tok, TinyModelConfig(**SIZE, seed=0)), tok,
+                    tmp_path / "oreo" / "policy")
+    value.save_pretrained(tmp_path / "oreo" / "value", tokenizer=tok)
+    files = []
+    for name, values in (("test", (3, 4)), ("val", (5,))):
+        path = tmp_path / f"{name}.jsonl"
+        path.write_text("".join(json.dumps({"question": f"start at {a}, multiply by 2.",
+                                            "answer": f"{a} * 2 = {2 * a}\n#### {2 * a}"})
+                                + "\n" for a in values))
+        files.append(path)
+    out = demo_beam_search(tmp_path / "oreo", *files, sweep_limit=1)
+    assert 0 <= out["test"] <= 1 and 0 <= out["val"] <= 1
+    assert out["test_tokens"]["policy_tokens"] > 0 and out["sweep"]["n_problems"] == 1
+    assert sorted(out["sweep"]["accuracy_by_beams"]) == sorted(DEMO_SWEEP_BEAMS)
