@@ -64,6 +64,12 @@ def run_eval(config: EvalConfig) -> dict:
     t0 = time.time()
     tokenizer = load_tokenizer(config.model, config.trust_remote_code)
     model = load_policy(config.model, config.dtype, config.trust_remote_code)
+    value = None
+    if config.value and (config.beams or config.best_of):  # checked before any decoding
+        from oreo_fast.search_eval import load_value
+
+        value = load_value(config.value, model, tokenizer, config.dtype,
+                           config.trust_remote_code)
     problems = load_problems(config.problems, config.limit)
     encoded, dropped = encode_problems(tokenizer, problems, config.max_prompt_length,
                                        config.strict, config.problems)
@@ -106,8 +112,8 @@ def run_eval(config: EvalConfig) -> dict:
             f"pass_at_{config.n_samples}": pass_n / max(n, 1),
             f"majority_at_{config.n_samples}": majority / max(n, 1),
         })
-    if config.value and (config.beams or config.best_of):
-        report.update(_search_reports(config, model, tokenizer, encoded))
+    if value is not None:
+        report.update(_search_reports(config, model, value, tokenizer, encoded))
     seconds = time.time() - t0
     report.update({"generated_tokens": n_tokens, "seconds": round(seconds, 2),
                    "tokens_per_second": round(n_tokens / max(seconds, 1e-9), 1),
@@ -119,11 +125,10 @@ def run_eval(config: EvalConfig) -> dict:
     return report
 
 
-def _search_reports(config: EvalConfig, model, tokenizer, encoded) -> dict:
+def _search_reports(config: EvalConfig, model, value, tokenizer, encoded) -> dict:
     from oreo_fast.search import SearchConfig
-    from oreo_fast.search_eval import best_of_n_accuracy, load_value, search_accuracy
+    from oreo_fast.search_eval import best_of_n_accuracy, search_accuracy
 
-    value = load_value(config.value, model, tokenizer, config.dtype, config.trust_remote_code)
     out = {}
     if config.beams:
         cfg = SearchConfig(config.beams, config.candidates, config.max_steps,
