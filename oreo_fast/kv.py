@@ -8,6 +8,7 @@ hold padding, and a position counted from columns would silently shift RoPE.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -49,26 +50,37 @@ def _count(counts, which: str, mask: torch.Tensor) -> None:
     counts.padded_slots += mask.numel() - real
 
 
-def _reserved_layer(shape, dtype, device, reserve: int):
-    """A transformers cache layer with room for ``reserve`` more columns: ``DynamicLayer``
+@functools.lru_cache(maxsize=None)
+def _reserved_layer_class():
+    """A transformers cache layer with room reserved for more columns: ``DynamicLayer``
     concatenates, i.e. copies the whole cache for every decoded token, which dominates
-    decoding hundreds of beam rows; this one writes the new columns in place."""
+    decoding hundreds of beam rows; this one writes the new columns in place. (Defined
+    lazily: transformers is imported only when a model is used.)"""
     from transformers.cache_utils import DynamicLayer
 
     class ReservedLayer(DynamicLayer):
         def update(self, key_states, value_states, *args, **kwargs):
             n, new = self.keys.shape[-2], key_states.shape[-2]
-            if n + new > self._kbuf.shape[-2]:  # out of room: grow (one copy)
-                grow = lambda b: torch.cat([b[..., :n, :], torch.empty_like(  # noqa: E731
-                    b[..., :1, :]).expand(-1, -1, new + n, -1)], dim=-2)
-                self._kbuf, self._vbuf = grow(self._kbuf), grow(self._vbuf)
+            if n + new > self._kbuf.shape[-2]:  # out of room: grow to twice the need
+                self._kbuf, self._vbuf = (self._grow(b, n, 2 * (n + new))
+                                          for b in (self._kbuf, self._vbuf))
             self._kbuf[..., n:n + new, :] = key_states
             self._vbuf[..., n:n + new, :] = value_states
             self.keys, self.values = self._kbuf[..., :n + new, :], self._vbuf[..., :n + new, :]
             return self.keys, self.values
 
+        @staticmethod
+        def _grow(buf, used, capacity):
+            out = buf.new_empty(*buf.shape[:2], capacity, buf.shape[3])
+            out[..., :used, :] = buf[..., :used, :]
+            return out
+
+    return ReservedLayer
+
+
+def _reserved_layer(shape, dtype, device, reserve: int):
     rows, heads, length, dim = shape
-    layer = ReservedLayer()
+    layer = _reserved_layer_class()()
     layer.dtype, layer.device, layer.is_initialized = dtype, device, True
     layer._kbuf = torch.empty(rows, heads, length + reserve, dim, dtype=dtype, device=device)
     layer._vbuf = torch.empty_like(layer._kbuf)

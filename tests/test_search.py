@@ -251,3 +251,17 @@ def test_demo_beam_stage_reports_test_val_and_the_beam_sweep(models, tmp_path):
     assert 0 <= out["test"] <= 1 and 0 <= out["val"] <= 1
     assert out["test_tokens"]["policy_tokens"] > 0 and out["sweep"]["n_problems"] == 1
     assert sorted(out["sweep"]["accuracy_by_beams"]) == sorted(DEMO_SWEEP_BEAMS)
+
+
+def test_reserved_cache_layer_grows_past_its_reserve():
+    from oreo_fast.kv import _new_cache
+
+    k = torch.randn(2, 1, 3, 4)
+    cache = _new_cache([(k, k + 1)], reserve=1, repeat=2)
+    layer = cache.layers[0]
+    torch.testing.assert_close(layer.keys, k.repeat_interleave(2, 0))
+    new = torch.randn(4, 1, 2, 4)  # more than the reserve: the buffer grows
+    keys, values = cache.update(new, new - 1, 0)
+    torch.testing.assert_close(keys, torch.cat([k.repeat_interleave(2, 0), new], dim=2))
+    torch.testing.assert_close(values, torch.cat([(k + 1).repeat_interleave(2, 0), new - 1], 2))
+    assert cache.get_seq_length() == 5
