@@ -153,14 +153,16 @@ def test_all_candidates_finishing_stops_the_search(models):
 
 
 def test_step_limit_returns_the_best_beam(models):
-    cfg = SearchConfig(beams=2, candidates=2, max_steps=2, max_step_tokens=2, seed=4)
-    results, _ = _run(beam_search, models, cfg, is_final=lambda tokens: False)
-    tok = models[0]
+    tok, policy, value, prompts = models
+    cfg = SearchConfig(beams=2, candidates=2, max_steps=3, max_step_tokens=2, seed=4)
+    # an EOS id the policy never samples: nothing finishes, the step limit ends the search
+    results = beam_search(policy, value, prompts, cfg, [len(tok)], step_end_ids(tok),
+                          tok.pad_token_id)
     for r in results:
-        assert len(r.beams_per_step) <= 2
-        if not r.pool:
-            best = max(r.beams_per_step[-1], key=lambda c: c.value)
-            assert not r.finished and r.tokens == best.tokens
+        assert len(r.beams_per_step) == cfg.max_steps and not r.pool and not r.finished
+        assert all(len(s) == cfg.beams for s in r.beams_per_step)
+        best = max(r.beams_per_step[-1], key=lambda c: c.value)
+        assert r.tokens == best.tokens and r.value == best.value
 
 
 def test_bad_arguments_give_clear_errors(models):
