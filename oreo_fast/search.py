@@ -109,7 +109,10 @@ def sample_with_uniform(logits: torch.Tensor, u: torch.Tensor, cfg: SearchConfig
     probs = filter_logits(logits / cfg.temperature, cfg.top_k, cfg.top_p).softmax(-1).double()
     cdf = probs.cumsum(-1)
     target = (u.to(cdf.device) * cdf[:, -1]).unsqueeze(-1)
-    return torch.searchsorted(cdf, target).squeeze(-1).clamp(max=logits.shape[-1] - 1)
+    # side="right": the first token whose cumulative probability exceeds the target, so a
+    # filtered (zero-probability) token is never drawn, not even at u = 0
+    return torch.searchsorted(cdf, target, side="right").squeeze(-1).clamp(
+        max=logits.shape[-1] - 1)
 
 
 def step_end_ids(tokenizer) -> set[int]:

@@ -267,3 +267,17 @@ def test_reserved_cache_layer_grows_past_its_reserve():
     torch.testing.assert_close(keys, torch.cat([k.repeat_interleave(2, 0), new], dim=2))
     torch.testing.assert_close(values, torch.cat([(k + 1).repeat_interleave(2, 0), new - 1], 2))
     assert cache.get_seq_length() == 5
+
+
+def test_inverse_cdf_sampling_follows_the_distribution_and_skips_filtered_tokens():
+    from oreo_fast.search import sample_with_uniform
+
+    logits = torch.log(torch.tensor([[0.1, 0.0, 0.6, 0.3]]))  # token 1 has probability 0
+    cfg = SearchConfig(temperature=1.0)
+    u = torch.linspace(0, 1, 1001, dtype=torch.float64)[:-1]
+    tokens = sample_with_uniform(logits.expand(len(u), -1), u, cfg)
+    freq = torch.bincount(tokens, minlength=4).double() / len(u)
+    torch.testing.assert_close(freq, torch.tensor([0.1, 0.0, 0.6, 0.3], dtype=torch.float64),
+                               atol=2e-3, rtol=0)
+    top1 = sample_with_uniform(logits.expand(len(u), -1), u, SearchConfig(top_k=1))
+    assert (top1 == 2).all()
