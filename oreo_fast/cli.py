@@ -83,7 +83,11 @@ def cmd_sample(args):
 def cmd_eval(args):
     from oreo_fast.evaluate import EvalConfig, run_eval
 
-    report = run_eval(_config_from(args, EvalConfig))
+    try:
+        config = _config_from(args, EvalConfig)
+    except ValueError as e:  # bad search arguments: a message, not a traceback
+        raise DataError(str(e)) from None
+    report = run_eval(config)
     print(json.dumps({k: v for k, v in report.items() if k != "config"}, indent=2))
 
 
@@ -143,7 +147,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p, EvalConfig, helps={"model": "policy checkpoint folder",
                                            "problems": "problem JSONL",
                                            "out": "JSON report to write",
-                                           "predictions": "also write greedy responses here"})
+                                           "predictions": "also write greedy responses here",
+                                           "value": "value model folder for --beams / --best-of",
+                                           "beams": "value-guided beam search with B beams",
+                                           "candidates": "K sampled next steps per beam",
+                                           "best_of": "best-of-N samples picked by value"})
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("train", help="OREO or RFT training (the same as python -m oreo_fast.train)",

@@ -108,10 +108,19 @@ def run_demo(config: DemoConfig) -> dict:
             if split == "test":
                 n_problems = report["n_problems"]
     times["eval"] = round(time.time() - t0, 1)
+    from oreo_fast.search_eval import demo_beam_search
+
+    t0 = time.time()  # oreo_beam: value-guided beam search with OREO's policy and value
+    beam = demo_beam_search(out / "oreo", test, val, sweep_limit=100)  # sweep: 100 problems
+    accuracy["oreo_beam"], val_accuracy["oreo_beam"] = beam["test"], beam["val"]
+    times["oreo_beam"] = round(time.time() - t0, 1)
+    print(f"[demo] oreo_beam (B={beam['config']['beams']}, K={beam['config']['candidates']}) "
+          f"test {beam['test']:.3f}, by B: {beam['sweep']['accuracy_by_beams']}", flush=True)
     import torch
 
     results = {**accuracy, "n_problems": n_problems, "split": "test (held out)",
-               "validation": val_accuracy, "samples_per_problem": config.samples_per_problem,
+               "validation": val_accuracy, "oreo_beam_search": beam,
+               "samples_per_problem": config.samples_per_problem,
                "seconds": times, "oreo_overrides": config.oreo_overrides,
                "rft_overrides": config.rft_overrides, "nproc": config.nproc,
                "device": platform.processor() or platform.machine(),

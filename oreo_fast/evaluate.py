@@ -41,6 +41,22 @@ class EvalConfig:
     seed: int = 0
     dtype: str = "float32"
     trust_remote_code: bool = False
+    # value-guided search (oreo_fast.search); needs --value
+    value: str | None = None  # value model folder (OREO's output_dir/value)
+    beams: int = 0  # B: beams per problem (0: no beam search)
+    candidates: int = 4  # K: sampled next steps per beam
+    max_steps: int = 16  # step limit of the beam search
+    max_step_tokens: int = 64  # tokens per step at most
+    best_of: int = 0  # N: best-of-N by value (0: off)
+    search_batch_size: int = 16  # problems per beam-search batch
+
+    def __post_init__(self):
+        if self.beams < 0 or self.best_of < 0:
+            raise ValueError("beams and best_of must be >= 0")
+        if self.beams and self.candidates < 1:
+            raise ValueError(f"candidates must be >= 1, got {self.candidates}")
+        if (self.beams or self.best_of) and not self.value:
+            raise ValueError("--beams and --best-of need --value (a value model folder)")
 
 
 def run_eval(config: EvalConfig) -> dict:
@@ -48,6 +64,12 @@ def run_eval(config: EvalConfig) -> dict:
     t0 = time.time()
     tokenizer = load_tokenizer(config.model, config.trust_remote_code)
     model = load_policy(config.model, config.dtype, config.trust_remote_code)
+    value = None
+    if config.value and (config.beams or config.best_of):  # checked before any decoding
+        from oreo_fast.search_eval import load_value
+
+        value = load_value(config.value, model, tokenizer, config.dtype,
+                           config.trust_remote_code)
     problems = load_problems(config.problems, config.limit)
     encoded, dropped = encode_problems(tokenizer, problems, config.max_prompt_length,
                                        config.strict, config.problems)
@@ -90,6 +112,8 @@ def run_eval(config: EvalConfig) -> dict:
             f"pass_at_{config.n_samples}": pass_n / max(n, 1),
             f"majority_at_{config.n_samples}": majority / max(n, 1),
         })
+    if value is not None:
+        report.update(_search_reports(config, model, value, tokenizer, encoded))
     seconds = time.time() - t0
     report.update({"generated_tokens": n_tokens, "seconds": round(seconds, 2),
                    "tokens_per_second": round(n_tokens / max(seconds, 1e-9), 1),
@@ -99,3 +123,26 @@ def run_eval(config: EvalConfig) -> dict:
     write_json(Path(config.out), report)
     log.info("eval: greedy %.3f on %d problems (%.1fs)", report["greedy_accuracy"], n, seconds)
     return report
+
+
+def _search_reports(config: EvalConfig, model, value, tokenizer, encoded) -> dict:
+    from oreo_fast.search import SearchConfig
+    from oreo_fast.search_eval import best_of_n_accuracy, search_accuracy
+
+    out = {}
+    if config.beams:
+        cfg = SearchConfig(config.beams, config.candidates, config.max_steps,
+                           config.max_step_tokens, config.temperature, config.top_p,
+                           config.top_k, config.seed)
+        res = search_accuracy(model, value, tokenizer, encoded, cfg, config.search_batch_size)
+        res.pop("predictions")
+        out["beam_accuracy"], out["beam_search"] = res["accuracy"], res
+        log.info("eval: beam search (B=%d, K=%d) %.3f", cfg.beams, cfg.candidates,
+                 res["accuracy"])
+    if config.best_of:
+        sampling = SamplingConfig(config.max_new_tokens, config.temperature, config.top_p,
+                                  config.top_k)
+        res = best_of_n_accuracy(model, value, tokenizer, encoded, config.best_of, sampling,
+                                 config.seed)
+        out[f"best_of_{config.best_of}_accuracy"], out["best_of_n"] = res["accuracy"], res
+    return out

@@ -1,0 +1,165 @@
+"""Beam-search benchmark: the cached searcher (``oreo_fast.search.beam_search``) against the
+naive re-encoding one (``oreo_fast.search_reference``), same random-weight models, prompts and
+seed: tokens processed by each model (counted by the searchers), wall time, peak memory.
+
+Steps have a fixed length: no token ends a step and the EOS id lies outside the vocabulary,
+so every candidate step is exactly ``step_tokens`` long and every run has the same work.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from benchmarks import report as ops_report
+
+
+@dataclass(frozen=True)
+class SearchShape:
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    vocab: int
+    prompt: int  # prompt tokens (problem i has prompt - 8 i: different lengths in a batch)
+    problems: int
+    steps: int
+    step_tokens: int
+    dtype: str
+
+    @property
+    def slug(self) -> str:
+        return (f"h{self.hidden}-l{self.layers}-v{self.vocab}-p{self.prompt}x{self.problems}"
+                f"-s{self.steps}x{self.step_tokens}-{self.dtype}")
+
+
+SHAPES = {
+    # the embedded default's model size (oreo_fast.models.TinyModelConfig)
+    "cpu": SearchShape(128, 384, 4, 4, 2, 384, 256, 1, 6, 40, "fp32"),
+    "small": SearchShape(64, 128, 2, 2, 1, 384, 64, 2, 3, 8, "fp32"),
+    # Qwen2.5-1.5B's shape
+    "gpu": SearchShape(1536, 8960, 28, 12, 2, 151_936, 512, 2, 10, 40, "bf16"),
+}
+
+
+def bench_device() -> torch.device:
+    name = os.environ.get("OREO_BENCH_DEVICE")
+    return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def bench_shape(device: torch.device) -> tuple[str, SearchShape]:
+    name = os.environ.get("OREO_BENCH_SEARCH_SHAPE", "gpu" if device.type == "cuda" else "cpu")
+    return name, SHAPES[name]
+
+
+def build_models(shape: SearchShape, device: torch.device):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from oreo_fast.models import ValueModel
+
+    dtype = torch.bfloat16 if shape.dtype == "bf16" else torch.float32
+    config = Qwen2Config(vocab_size=shape.vocab, hidden_size=shape.hidden,
+                         intermediate_size=shape.intermediate, num_hidden_layers=shape.layers,
+                         num_attention_heads=shape.heads, num_key_value_heads=shape.kv_heads,
+                         max_position_embeddings=4096, tie_word_embeddings=True,
+                         use_sliding_window=False)
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    policy = Qwen2ForCausalLM(config).to(device, dtype).eval()
+    torch.manual_seed(1)
+    value = ValueModel(Qwen2ForCausalLM(config).model).to(device, dtype).eval()
+    torch.nn.init.normal_(value.value_head.weight, std=1.0)  # values that differ
+    return policy, value
+
+
+def make_prompts(shape: SearchShape) -> list[list[int]]:
+    gen = torch.Generator().manual_seed(0)
+    return [torch.randint(0, shape.vocab, (shape.prompt - 8 * i,), generator=gen).tolist()
+            for i in range(shape.problems)]
+
+
+def run(searcher: str, policy, value, prompts, shape: SearchShape, b: int, k: int):
+    """One search; returns (results, TokenCounts)."""
+    from oreo_fast.search import SearchConfig, TokenCounts, beam_search
+    from oreo_fast.search_reference import naive_beam_search
+
+    cfg = SearchConfig(beams=b, candidates=k, max_steps=shape.steps,
+                       max_step_tokens=shape.step_tokens, temperature=1.0, seed=0)
+    fn = beam_search if searcher == "cached" else naive_beam_search
+    counts = TokenCounts()
+    # EOS outside the vocabulary and no step-end token: fixed-length steps
+    results = fn(policy, value, prompts, cfg, [shape.vocab], set(), 0, counts=counts)
+    return results, counts
+
+
+def token_budget(prompts, shape: SearchShape, b: int, k: int) -> dict:
+    """Prompt and generated (sampled) tokens of the search: what it must process at least."""
+    candidates = b * k + (shape.steps - 1) * b * k  # B x K at the root, then K per beam
+    generated = len(prompts) * candidates * shape.step_tokens
+    return {"prompt_tokens": sum(len(p) for p in prompts), "generated_tokens": generated}
+
+
+def build_report(results: dict, device: torch.device, shape_name: str,
+                 shape: SearchShape) -> dict:
+    ratios = {}
+    for bk in sorted({key.split("_", 1)[1] for key in results}):
+        cached, naive = results.get(f"cached_{bk}"), results.get(f"naive_{bk}")
+        if cached and naive and "median_s" in cached and "median_s" in naive:
+            ratios[bk] = {"speedup_wall": naive["median_s"] / cached["median_s"],
+                          "tokens_naive_over_cached": naive["tokens_total"] /
+                          cached["tokens_total"],
+                          # None when the naive searcher's extra peak is under 1 MiB
+                          "peak_cached_over_naive": cached["extra_peak_mib"] /
+                          naive["extra_peak_mib"] if naive["extra_peak_mib"] >= 1 else None}
+    goals = {}
+    for key, entry in results.items():
+        if key.startswith("cached_"):
+            goals[f"{key}: tokens per model <= 1.2 x (prompt + generated)"] = \
+                entry["tokens_per_model_ratio"] <= 1.2
+    if "B4_K4" in ratios:
+        goals["B4_K4: wall time >= 5x faster than naive"] = ratios["B4_K4"]["speedup_wall"] >= 5
+    return {
+        "benchmark": "oreo_fast value-guided beam search: cached (KV shared across beams and "
+                     "candidates) vs naive re-encoding searcher",
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "environment": ops_report.environment(device),
+        "shape_name": shape_name, "shape": asdict(shape),
+        "tokens": "counted by the searchers: real tokens each model processed (padding "
+                  "excluded; padded_slots counts padding positions run); tokens_total = "
+                  "policy + value; ratios vs prompt + generated tokens (all candidates)",
+        "timing": "wall seconds of one search of all problems (batched), median of rounds",
+        "memory": "extra_peak_mib: peak during one search minus what was in use before it "
+                  "(CPU: VmHWM after a clear_refs reset, in this process; CUDA: "
+                  "max_memory_allocated)",
+        "searchers": results, "ratios": ratios, "goals": goals,
+    }
+
+
+def write_report(built: dict, directory: Path) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    env = built["environment"]
+    kind = "cuda" if env["device"].startswith("cuda") else f"cpu{env['torch_threads']}t"
+    shape = SearchShape(**built["shape"])
+    path = directory / f"search_{kind}_{shape.slug}_{built['date'][:10]}.json"
+    path.write_text(json.dumps(built, indent=2) + "\n")
+    return path
+
+
+def format_table(built: dict) -> str:
+    rows = [("searcher", "B x K", "median s", "policy tok", "value tok", "tok/(p+g) per model",
+             "extra peak MiB")]
+    for key, e in built["searchers"].items():
+        rows.append((key.split("_")[0], key.split("_", 1)[1], f"{e.get('median_s', 0):.2f}",
+                     str(e["policy_tokens"]), str(e["value_tokens"]),
+                     f"{e['tokens_per_model_ratio']:.2f}", f"{e['extra_peak_mib']:.0f}"))
+    width = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(r, width)) for r in rows]
+    for bk, r in built["ratios"].items():
+        lines.append(f"{bk}: cached {r['speedup_wall']:.1f}x faster, naive processes "
+                     f"{r['tokens_naive_over_cached']:.1f}x the tokens")
+    return "\n".join(lines)

@@ -1,0 +1,90 @@
+"""Beam-search benchmark (pytest-benchmark): cached vs naive searcher at B = K = 4 and 7, wall
+time, tokens processed by each model and peak memory; the two must return the same answers.
+See benchmarks/search_bench.py and benchmarks/README.md.
+
+Environment: OREO_BENCH_DEVICE, OREO_BENCH_THREADS, OREO_BENCH_RESULTS_DIR as for the op suite;
+OREO_BENCH_SEARCH_SHAPE (cpu, small, gpu; default by device); OREO_BENCH_SEARCH_ROUNDS (timed
+rounds of the cached searcher, default 3; the naive searcher runs once: it is the slow one).
+"""
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from benchmarks import report as ops_report
+from benchmarks import search_bench as sb
+from benchmarks.memory import peak_memory
+
+RESULTS: dict[str, dict] = {}
+OUTPUTS: dict[str, list] = {}
+_STATE: dict = {}
+
+
+class _Summary:
+    def pytest_terminal_summary(self, terminalreporter):
+        if "report" in _STATE:
+            terminalreporter.write_sep("-", "oreo_fast beam-search benchmark")
+            terminalreporter.write_line(sb.format_table(_STATE["report"]))
+            terminalreporter.write_line(f"results written to {_STATE['path']}")
+
+
+@pytest.fixture(scope="module")
+def search_setup(request):
+    threads = os.environ.get("OREO_BENCH_THREADS")
+    if threads:
+        torch.set_num_threads(int(threads))
+    device = sb.bench_device()
+    shape_name, shape = sb.bench_shape(device)
+    policy, value = sb.build_models(shape, device)
+    yield device, shape, policy, value, sb.make_prompts(shape)
+    if any("median_s" in e for e in RESULTS.values()):
+        built = sb.build_report(RESULTS, device, shape_name, shape)
+        directory = Path(os.environ.get("OREO_BENCH_RESULTS_DIR", ops_report.RESULTS_DIR))
+        _STATE["report"], _STATE["path"] = built, sb.write_report(built, directory)
+        request.config.pluginmanager.register(_Summary(), "oreo_search_summary")
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@pytest.mark.parametrize("bk", [4, 7])
+@pytest.mark.parametrize("searcher", ["cached", "naive"])
+def test_search(benchmark, search_setup, searcher, bk):
+    device, shape, policy, value, prompts = search_setup
+    key = f"{searcher}_B{bk}_K{bk}"
+
+    def once():
+        out = sb.run(searcher, policy, value, prompts, shape, bk, bk)
+        _sync(device)
+        return out
+
+    (results, counts), memory = peak_memory(once, device)  # also the warm-up
+    budget = sb.token_budget(prompts, shape, bk, bk)
+    needed = budget["prompt_tokens"] + budget["generated_tokens"]
+    entry = {"policy_tokens": counts.policy, "value_tokens": counts.value,
+             "padded_slots": counts.padded_slots, **budget,
+             "tokens_total": counts.policy + counts.value,
+             "tokens_per_model_ratio": max(counts.policy, counts.value) / needed,
+             "tokens_both_models_ratio": (counts.policy + counts.value) / needed,
+             "extra_peak_mib": memory["extra_peak_mb"], "peak_mib": memory["peak_mb"],
+             "memory_method": memory["method"]}
+    OUTPUTS[key] = [(r.tokens, r.value) for r in results]
+    other = OUTPUTS.get(f"{'naive' if searcher == 'cached' else 'cached'}_B{bk}_K{bk}")
+    if other is not None:  # same seed: the same answers and values from both searchers
+        assert [t for t, _ in other] == [t for t, _ in OUTPUTS[key]]
+        assert all(abs(a - b) < 1e-3 for (_, a), (_, b) in zip(other, OUTPUTS[key]))
+    if searcher == "cached":
+        assert entry["tokens_per_model_ratio"] <= 1.2
+    rounds = int(os.environ.get("OREO_BENCH_SEARCH_ROUNDS", 3)) if searcher == "cached" else 1
+    t0 = time.process_time()
+    benchmark.pedantic(once, rounds=rounds, iterations=1)
+    if benchmark.stats is not None:  # None under --benchmark-disable
+        entry.update(median_s=benchmark.stats.stats.median, rounds=rounds,
+                     cpu_time_s=(time.process_time() - t0) / rounds)
+    RESULTS[key] = entry
