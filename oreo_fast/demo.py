@@ -123,12 +123,25 @@ def run_demo(config: DemoConfig) -> dict:
                "samples_per_problem": config.samples_per_problem,
                "seconds": times, "oreo_overrides": config.oreo_overrides,
                "rft_overrides": config.rft_overrides, "nproc": config.nproc,
-               "device": platform.processor() or platform.machine(),
+               "device": _device_name(),
                "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}
     write_json(out / "results.json", results)
     _bar_chart(accuracy, out / "results.png")
     print(format_table(results))
     return results
+
+
+def _device_name() -> str:
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    try:
+        with open("/proc/cpuinfo") as f:
+            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+        return f"{names[0]} ({len(names)} cores)" if names else platform.machine()
+    except OSError:
+        return platform.machine()
 
 
 def format_table(results: dict) -> str:
@@ -156,7 +169,7 @@ def _bar_chart(accuracy: dict, path: Path) -> None:
     bars = ax.bar([n.upper() for n in names], [accuracy[n] for n in names],
                   color=["#999999", "#6f9fd8", "#d8842f", "#b0552a"][:len(names)])
     ax.bar_label(bars, fmt="%.3f")
-    ax.set_ylabel("greedy accuracy (test)")
+    ax.set_ylabel("accuracy (held-out test)")
     ax.set_title("Embedded default: SFT vs RFT vs OREO")
     ax.set_ylim(0, 1)
     fig.tight_layout()
