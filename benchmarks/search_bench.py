@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from benchmarks import report as ops_report
+from benchmarks.providers import bench_device  # noqa: F401 (re-exported)
 
 
 @dataclass(frozen=True)
@@ -45,11 +46,6 @@ SHAPES = {
     # Qwen2.5-1.5B's shape
     "gpu": SearchShape(1536, 8960, 28, 12, 2, 151_936, 512, 2, 10, 40, "bf16"),
 }
-
-
-def bench_device() -> torch.device:
-    name = os.environ.get("OREO_BENCH_DEVICE")
-    return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
 def bench_shape(device: torch.device) -> tuple[str, SearchShape]:

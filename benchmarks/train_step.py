@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 
 from benchmarks import report as ops_report
+from benchmarks.providers import bench_device, configure_threads  # noqa: F401 (re-exported)
 from oreo_fast import reference
 from oreo_fast.config import load_config
 from oreo_fast.data import Example, collate
@@ -102,20 +103,6 @@ SHAPES = {
 
 
 # ---------------------------------------------------------------- settings
-
-
-def bench_device() -> torch.device:
-    name = os.environ.get("OREO_BENCH_DEVICE")
-    if name:
-        return torch.device(name)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def configure_threads() -> int:
-    threads = os.environ.get("OREO_BENCH_THREADS")
-    if threads:
-        torch.set_num_threads(int(threads))
-    return torch.get_num_threads()
 
 
 def bench_shape(device: torch.device) -> tuple[str, ModelShape]:

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 import torch
 
 from oreo_fast.jsonl import DataError, read_jsonl, require
+from oreo_fast.loss import state_mask_for_level
+from oreo_fast.tokenizer import encode_pair
 
 
 @dataclass
@@ -59,9 +61,7 @@ def _step_starts(tokenizer, text: str, delimiters: list[str]) -> tuple[list[int]
 def tokenize_trajectory(tokenizer, prompt: str, turns: list[tuple[str, str]], reward: float,
                         max_length: int, delimiters: list[str], source: str = "") -> Example | None:
     """Tokenise one trajectory; None when the prompt leaves no room for a response token."""
-    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    if tokenizer.bos_token_id is not None and getattr(tokenizer, "add_bos_token", False):
-        prompt_ids = [tokenizer.bos_token_id] + prompt_ids
+    prompt_ids, _ = encode_pair(tokenizer, prompt)  # the prompt ids sampling used
     if len(prompt_ids) + 1 >= max_length:
         return None
     ids, is_action, starts = list(prompt_ids), [False] * len(prompt_ids), [False] * len(prompt_ids)
@@ -182,13 +182,7 @@ def collate(examples: list[Example | None], pad_id: int, level: str) -> dict[str
         starts[b, :n] = torch.tensor(e.starts_step)
         rewards[b] = e.reward
     action_mask = is_action[:, 1:]
-    if level == "token":
-        state_mask = action_mask.clone()
-    elif level == "step":
-        state_mask = action_mask & starts[:, 1:]
-    else:  # response: the first action of each sequence
-        first = action_mask.to(torch.int8).argmax(1, keepdim=True)
-        state_mask = torch.zeros_like(action_mask).scatter(1, first, True) & action_mask
+    state_mask = state_mask_for_level(action_mask, level, starts[:, 1:])
     positions = torch.arange(width).expand(B, width).clone()
     return dict(input_ids=ids, attention_mask=attention, position_ids=positions,
                 actions=ids[:, 1:].clone(), action_mask=action_mask, state_mask=state_mask,
