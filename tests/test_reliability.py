@@ -30,6 +30,7 @@ from oreo_fast.models import TinyModelConfig, ValueModel, build_tiny_model, load
 from oreo_fast.tasks.problems import load_problems
 from oreo_fast.tokenizer import build_tokenizer
 from oreo_fast.train import Trainer
+from processes import run_process_group
 from test_train import _config, _free_port, tiny  # noqa: F401  (the tiny fixture)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -430,7 +431,7 @@ def _outputs(out):
 def full_run(tiny, tmp_path_factory):  # noqa: F811
     """An uninterrupted 2-process run (6 steps) to compare against."""
     root, out = tiny[0], tmp_path_factory.mktemp("full") / "run"
-    full = subprocess.run(_torchrun(root, out), env=_env(), capture_output=True, text=True,
+    full = run_process_group(_torchrun(root, out), env=_env(), capture_output=True, text=True,
                           timeout=300)
     assert full.returncode == 0, full.stderr[-3000:]
     return _outputs(out)
@@ -470,7 +471,7 @@ def test_kill_9_at_a_random_step_then_resume_is_bit_exact(tiny, full_run, tmp_pa
         proc.wait()
     assert proc.returncode == -signal.SIGKILL
     assert not (out / "policy").exists() and not (out / "metrics.jsonl").exists()
-    resumed = subprocess.run(_torchrun(root, out, "save_every=1", "keep_checkpoints=2",
+    resumed = run_process_group(_torchrun(root, out, "save_every=1", "keep_checkpoints=2",
                                        "resume=true"), env=_env(), capture_output=True, text=True,
                              timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -487,7 +488,7 @@ def test_elastic_restart_resumes_exactly(tiny, full_run, tmp_path):  # noqa: F81
     out = tmp_path / "elastic"
     cmd = _torchrun(root, out, "save_every=1", "resume=true")
     cmd.insert(3, "--max-restarts=1")
-    proc = subprocess.run(cmd, env=_env(OREO_FAULT_EXIT_AT_STEP="1:3"), capture_output=True,
+    proc = run_process_group(cmd, env=_env(OREO_FAULT_EXIT_AT_STEP="1:3"), capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "rank 1 fails after step 3 (injected fault)" in proc.stderr  # it did fail once
@@ -499,7 +500,7 @@ def test_a_dead_rank_fails_the_run_within_a_bounded_time(tiny, tmp_path):  # noq
     root, _, _ = tiny
     bound = 30
     start = time.time()
-    proc = subprocess.run(_torchrun(root, tmp_path / "dead", f"collective_timeout_s={bound}"),
+    proc = run_process_group(_torchrun(root, tmp_path / "dead", f"collective_timeout_s={bound}"),
                           env=_env(OREO_FAULT_EXIT_AT_STEP="1:2"), capture_output=True, text=True,
                           timeout=5 * bound + 60)
     elapsed = time.time() - start
@@ -515,7 +516,7 @@ def test_a_stuck_rank_fails_the_run_after_the_collective_timeout(tiny, tmp_path)
     root, _, _ = tiny
     bound = 6
     start = time.time()
-    proc = subprocess.run(_torchrun(root, tmp_path / "stuck", f"collective_timeout_s={bound}"),
+    proc = run_process_group(_torchrun(root, tmp_path / "stuck", f"collective_timeout_s={bound}"),
                           env=_env(OREO_FAULT_HANG_AT_STEP="1:2"), capture_output=True, text=True,
                           timeout=120)
     elapsed = time.time() - start

@@ -4,11 +4,11 @@ and to the world size (torchrun, 2 processes, gloo)."""
 import json
 import os
 import socket
-import subprocess
 import sys
 
 import pytest
 import torch
+from processes import run_process_group
 
 from oreo_fast import reference
 from oreo_fast.config import ConfigError, load_config
@@ -216,7 +216,7 @@ def test_torchrun_two_processes_equal_one(tiny):
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={n}",
                f"--master_port={_free_port()}", "-m", "oreo_fast.train", *overrides,
                f"output_dir={out}"]
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        proc = run_process_group(cmd, timeout=300)
         assert proc.returncode == 0, proc.stderr[-3000:]
         runs[n] = [json.loads(l) for l in open(out / "metrics.jsonl")], load_policy(out / "policy").state_dict(), \
             ValueModel.from_pretrained(out / "value").state_dict()
