@@ -119,6 +119,20 @@ def cosine_with_warmup(total_steps: int, warmup_ratio: float, min_ratio: float):
     return factor
 
 
+def init_process_group_per_attempt(backend: str, timeout: datetime.timedelta) -> None:
+    """``init_process_group`` from torchrun's environment, each restart on keys of its own.
+
+    torchrun's default (static) rendezvous keeps one store across ``--max-restarts`` attempts,
+    and ``env://`` adds no per-attempt prefix (torch 2.13), so a restarted rank can read a
+    dead rank's gloo address or NCCL id from the previous attempt: "Connection refused".
+    """
+    store, rank, world_size = next(dist.rendezvous("env://", timeout=timeout))
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    store = dist.PrefixStore(f"oreo_fast/attempt_{attempt}", store)
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world_size,
+                            timeout=timeout)
+
+
 class Trainer:
     def __init__(self, config: TrainConfig):
         self.config = config
@@ -139,7 +153,7 @@ class Trainer:
             # bounded: a dead or stuck rank makes the others fail instead of hanging
             timeout = datetime.timedelta(seconds=config.collective_timeout_s)
             if self.distributed:
-                dist.init_process_group(backend, timeout=timeout)
+                init_process_group_per_attempt(backend, timeout)
             else:
                 store = dist.HashStore()
                 dist.init_process_group(backend, store=store, rank=0, world_size=1,
