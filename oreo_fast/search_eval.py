@@ -45,7 +45,7 @@ def search_accuracy(policy, value, tokenizer, encoded, cfg: SearchConfig,
     model processed. Problems are batched; each problem's draws depend on its index only."""
     t0 = time.time()
     eos, ends = stop_token_ids(policy, tokenizer), step_end_ids(tokenizer)
-    counts, correct, predictions = TokenCounts(), 0, []
+    counts, correct, pool_correct, predictions = TokenCounts(), 0, 0, []
     kinds = {p.kind for p, _ in encoded}
     for start in range(0, len(encoded), batch_size):
         chunk = encoded[start:start + batch_size]
@@ -59,10 +59,15 @@ def search_accuracy(policy, value, tokenizer, encoded, cfg: SearchConfig,
             answer = extract_answer(problem.kind, text)
             ok = is_correct(problem.kind, problem.answer, answer)
             correct += ok
+            # the oracle pick: some finished answer was right (what a perfect ranking reaches)
+            pool_correct += any(is_correct(problem.kind, problem.answer, extract_answer(
+                problem.kind, tokenizer.decode(c.tokens, skip_special_tokens=True)))
+                for c in res.pool)
             predictions.append({"problem_id": problem.id, "response": text, "answer": answer,
                                 "value": res.value, "finished": res.finished, "correct": ok})
     n = max(len(encoded), 1)
-    return {"accuracy": correct / n, "beams": cfg.beams, "candidates": cfg.candidates,
+    return {"accuracy": correct / n, "pool_accuracy": pool_correct / n, "beams": cfg.beams,
+            "candidates": cfg.candidates,
             "policy_tokens": counts.policy, "value_tokens": counts.value,
             "padded_slots": counts.padded_slots, "seconds": round(time.time() - t0, 2),
             "predictions": predictions}
@@ -114,6 +119,7 @@ def demo_beam_search(run_dir, test_file, val_file, sweep_limit: int | None = Non
     for name, encoded in split.items():
         res = search_accuracy(policy, value, tokenizer, encoded, cfg, batch_size=50)
         out[name] = res["accuracy"]
+        out[f"{name}_pool_accuracy"] = res["pool_accuracy"]
         out[f"{name}_tokens"] = {k: res[k] for k in ("policy_tokens", "value_tokens",
                                                      "seconds")}
     sweep_problems = split["test"][:sweep_limit] if sweep_limit else split["test"]

@@ -281,3 +281,20 @@ def test_inverse_cdf_sampling_follows_the_distribution_and_skips_filtered_tokens
                                atol=2e-3, rtol=0)
     top1 = sample_with_uniform(logits.expand(len(u), -1), u, SearchConfig(top_k=1))
     assert (top1 == 2).all()
+
+
+def test_pool_accuracy_counts_a_right_answer_the_ranking_missed(models, monkeypatch):
+    from oreo_fast import search_eval
+    from oreo_fast.tasks.problems import Problem
+
+    tok, policy, value, _ = models
+    right, wrong = (tok(t)["input_ids"] for t in ("#### 6", "#### 7"))
+    pool = [Candidate(0, wrong, wrong, 0.9, True, True), Candidate(0, right, right, 0.1, True, True)]
+
+    def fake_search(policy, value_model, prompts, cfg, *args, **kwargs):
+        return [pick_answer(pool if i == 0 else pool[:1], []) for i in range(len(prompts))]
+
+    monkeypatch.setattr(search_eval, "beam_search", fake_search)
+    problems = [(Problem(f"p{i}", "q", "#### 6", "6", "gsm8k"), [1, 2]) for i in range(2)]
+    res = search_eval.search_accuracy(policy, value, tok, problems, SearchConfig())
+    assert res["accuracy"] == 0 and res["pool_accuracy"] == 0.5
