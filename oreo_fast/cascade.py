@@ -122,7 +122,8 @@ def suffix_attention_torch(query, suffix_keys, suffix_values, suffix_mask, scale
     dtype = _compute_dtype(query.dtype)
     q = query.to(dtype).reshape(n, kv_heads, heads // kv_heads * tokens, dim)
     column = torch.arange(length, device=query.device)
-    causal = column[None, :] <= (length - tokens + torch.arange(tokens, device=query.device))[:, None]
+    own_column = length - tokens + torch.arange(tokens, device=query.device)
+    causal = column[None, :] <= own_column[:, None]
     allowed = causal[None] & suffix_mask.bool()[:, None, :]  # [N, T, S]
     allowed = allowed[:, None, None].expand(n, kv_heads, heads // kv_heads, tokens, length)
     out, lse = _masked_softmax_attention(q, suffix_keys.to(dtype), suffix_values.to(dtype),

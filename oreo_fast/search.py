@@ -14,11 +14,11 @@ candidates (B copies of the root).
 Cost: every token goes through each model once. The policy and the value model each keep
 their own cache; the prompt is prefilled once per model; a beam's cache is reused by all its
 children, which only feed their new step tokens; by default without copying it
-(``kv_sharing="cascade"``: ``oreo_fast.cascade`` attends to a parent's prefix once for all its
-children and merges that with each child's own step by log-sum-exp). The policy holds back each beam's last step
-token ("pending"): it is fed at the start of the next step, once per beam, not once per
-child, and never for candidates that are dropped. Positions are explicit everywhere (rows
-have different prompt lengths and the step caches have holes).
+(``kv_sharing="cascade"``: ``oreo_fast.cascade`` attends to a parent's prefix once for all
+its children and merges that with each child's own step by log-sum-exp). The policy holds
+back each beam's last step token ("pending"): it is fed at the start of the next step, once
+per beam, not once per child, and never for candidates that are dropped. Positions are
+explicit everywhere (rows have different prompt lengths and the step caches have holes).
 
 Randomness is drawn per (problem, step, parent rank, child, token index) from its own
 generator and turned into a token by inverse-CDF sampling, so any batching, caching or
@@ -32,8 +32,8 @@ from typing import Callable
 
 import torch
 
-from oreo_fast.generation import filter_logits
 from oreo_fast.cascade import IMPLS, CascadeKV, materialize_rows, share_prefix
+from oreo_fast.generation import filter_logits
 from oreo_fast.kv import expand_rows, gather_compact, prefill
 
 # ----------------------------------------------------------------- configuration, results
@@ -235,7 +235,7 @@ def beam_search(policy, value_model, prompts: list[list[int]], cfg: SearchConfig
         # 1. the policy feeds each beam's pending token once, for all of its children
         logits = pol.forward_tokens(policy, pending[:, None], torch.ones_like(pending)[:, None],
                                     counts, "policy")[:, -1]
-        # 2. children share the parent's prefix: expand by index
+        # 2. children share the parent's prefix: read in place (cascade) or copied
         pol_c = _children_kv(pol, n_children, cfg.max_step_tokens, cfg.kv_sharing,
                              cfg.attention_impl)
         logits = logits.repeat_interleave(n_children, dim=0)
