@@ -10,6 +10,7 @@ so every candidate step is exactly ``step_tokens`` long and every run has the sa
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import os
@@ -84,8 +85,41 @@ def make_prompts(shape: SearchShape) -> list[list[int]]:
             for i in range(shape.problems)]
 
 
+def _kv_bytes(kv) -> int:
+    """Bytes of the buffers a KV (kv.KV: copied prefixes) or CascadeKV (the children's own
+    suffixes; the prefix is the parents', not allocated) holds for its children."""
+    return sum(t.numel() * t.element_size() for layer in kv.cache.layers
+               for t in (layer._kbuf, layer._vbuf))
+
+
+@contextlib.contextmanager
+def child_kv_recorder():
+    """Records the bytes of KV allocated for the children at each step of beam_search (both
+    models): the memory that copy-free sharing saves, independent of the allocator."""
+    from oreo_fast import search
+
+    record = {"per_step_mib": [], "total_mib": 0.0}
+    original = search._children_kv
+
+    def recording(*args, **kwargs):
+        kv = original(*args, **kwargs)
+        record["per_step_mib"].append(_kv_bytes(kv) / 2**20)
+        return kv
+
+    search._children_kv = recording
+    try:
+        yield record
+    finally:
+        search._children_kv = original
+        record["total_mib"] = sum(record["per_step_mib"])
+        # the policy's and the value model's children at the same step are alive together
+        pairs = record["per_step_mib"]
+        record["max_step_mib"] = max((sum(pairs[i:i + 2]) for i in range(0, len(pairs), 2)),
+                                     default=0.0)
+
+
 def run(searcher: str, policy, value, prompts, shape: SearchShape, b: int, k: int):
-    """One search; returns (results, TokenCounts)."""
+    """One search; returns (results, TokenCounts, child KV record)."""
     from oreo_fast.search import SearchConfig, TokenCounts, beam_search
     from oreo_fast.search_reference import naive_beam_search
 
@@ -98,8 +132,9 @@ def run(searcher: str, policy, value, prompts, shape: SearchShape, b: int, k: in
     fn = beam_search if cached else naive_beam_search
     counts = TokenCounts()
     # EOS outside the vocabulary and no step-end token: fixed-length steps
-    results = fn(policy, value, prompts, cfg, [shape.vocab], set(), 0, counts=counts)
-    return results, counts
+    with child_kv_recorder() as record:
+        results = fn(policy, value, prompts, cfg, [shape.vocab], set(), 0, counts=counts)
+    return results, counts, record
 
 
 def token_budget(prompts, shape: SearchShape, b: int, k: int) -> dict:
@@ -129,6 +164,8 @@ def build_report(results: dict, device: torch.device, shape_name: str,
             entry["extra_peak_copy_over_cascade"] = copy["extra_peak_mib"] / \
                 cascade["extra_peak_mib"] if cascade["extra_peak_mib"] >= 1 else None
             entry["extra_peak_saved_mib"] = copy["extra_peak_mib"] - cascade["extra_peak_mib"]
+            entry["child_kv_max_step_copy_over_cascade"] = \
+                copy["child_kv_max_step_mib"] / cascade["child_kv_max_step_mib"]
         ratios[bk] = entry
     goals = {}
     for key, entry in results.items():
@@ -150,8 +187,14 @@ def build_report(results: dict, device: torch.device, shape_name: str,
                   "policy + value; ratios vs prompt + generated tokens (all candidates)",
         "timing": "wall seconds of one search of all problems (batched), median of rounds",
         "memory": "extra_peak_mib: peak during one search minus what was in use before it "
-                  "(CPU: VmHWM after a clear_refs reset, in this process; CUDA: "
-                  "max_memory_allocated)",
+                  "(CPU: VmHWM after a clear_refs reset, in this process, with glibc's "
+                  "MALLOC_MMAP_THRESHOLD_ fixed so that freed tensors leave the resident set "
+                  "and earlier searches do not hide later ones' peaks; CUDA: "
+                  "max_memory_allocated). child_kv_*_mib: bytes of the KV buffers allocated "
+                  "for the children at each step (copy: the prefix copied per child plus room "
+                  "for the step; cascade: only the children's own step), max over steps of "
+                  "both models together, and the sum over steps",
+        "malloc_mmap_threshold": os.environ.get("MALLOC_MMAP_THRESHOLD_"),
         "searchers": results, "ratios": ratios, "goals": goals,
     }
 
@@ -170,11 +213,12 @@ def write_report(built: dict, directory: Path) -> Path:
 
 def format_table(built: dict) -> str:
     rows = [("searcher", "B x K", "median s", "policy tok", "value tok", "tok/(p+g) per model",
-             "extra peak MiB")]
+             "extra peak MiB", "child KV MiB (max step)")]
     for key, e in built["searchers"].items():
         rows.append((key.split("_")[0], key.split("_", 1)[1], f"{e.get('median_s', 0):.2f}",
                      str(e["policy_tokens"]), str(e["value_tokens"]),
-                     f"{e['tokens_per_model_ratio']:.2f}", f"{e['extra_peak_mib']:.0f}"))
+                     f"{e['tokens_per_model_ratio']:.2f}", f"{e['extra_peak_mib']:.0f}",
+                     f"{e['child_kv_max_step_mib']:.1f}"))
     width = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.rjust(w) for c, w in zip(r, width)) for r in rows]
     for bk, r in built["ratios"].items():

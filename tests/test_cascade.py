@@ -84,9 +84,16 @@ CASES = [
 ]
 
 
+@pytest.mark.parametrize("fused", [True, False], ids=["cpu-fused-op", "matmul"])
 @pytest.mark.parametrize("children,heads,kv_heads,tokens,dim,prefix_len,suffix_len", CASES)
 def test_torch_path_equals_explicit_attention(children, heads, kv_heads, tokens, dim,
-                                              prefix_len, suffix_len):
+                                              prefix_len, suffix_len, fused, monkeypatch):
+    import oreo_fast.cascade as cascade
+
+    if not fused:  # the path used off CPU, or where torch lacks the fused CPU op
+        monkeypatch.setattr(cascade, "_CPU_FUSED_ATTENTION", None)
+    elif cascade._CPU_FUSED_ATTENTION is None:
+        pytest.skip("this torch has no fused CPU attention op")
     case = make_case(children, heads, kv_heads, tokens, dim, prefix_len, suffix_len)
     query, pk, pv, pm, parent, sk, sv, sm = case
     groups = ChildGroups.from_parent(parent, len(children))
@@ -282,3 +289,25 @@ def test_search_config_rejects_unknown_sharing_and_impl():
         SearchConfig(kv_sharing="paged")
     with pytest.raises(ValueError, match="attention_impl"):
         SearchConfig(attention_impl="flash")
+
+
+def test_best_of_n_scores_the_same_with_shared_and_copied_prefixes(models):
+    from oreo_fast.generation import SamplingConfig
+    from oreo_fast.search import TokenCounts, best_of_n
+
+    tok, policy, value, prompts = models
+    sampling = SamplingConfig(max_new_tokens=6, temperature=1.0)
+    runs = {}
+    for sharing in ("cascade", "copy"):
+        counts = TokenCounts()
+        runs[sharing] = (best_of_n(policy, value, prompts, 3, sampling, [tok.eos_token_id],
+                                   tok.pad_token_id, seed=5, counts=counts,
+                                   kv_sharing=sharing), counts.value)
+    (shared, shared_tokens), (copied, copied_tokens) = runs["cascade"], runs["copy"]
+    assert shared_tokens == copied_tokens
+    for a, b in zip(shared, copied):
+        assert a.tokens == b.tokens
+        torch.testing.assert_close(torch.tensor([c.value for c in a.pool]),
+                                   torch.tensor([c.value for c in b.pool]), atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="kv_sharing"):
+        best_of_n(policy, value, prompts, 2, sampling, [tok.eos_token_id], 0, kv_sharing="x")
