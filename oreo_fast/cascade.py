@@ -75,9 +75,22 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+# PyTorch's fused CPU attention also returns the log-sum-exp (private op: used when present,
+# the matmul path below otherwise and on other devices)
+_CPU_FUSED_ATTENTION = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu",
+                               None)
+
+
 def _masked_softmax_attention(q, k, v, allowed, scale):
-    """q [..., M, D], k / v [..., S, D], allowed broadcastable to [..., M, S]: (out, lse),
-    a row with no allowed key giving 0 and -inf."""
+    """q [B, H, M, D], k / v [B, H, S, D], allowed (bool) broadcastable to [B, H, M, S]:
+    (out, lse), a row with no allowed key giving 0 and -inf."""
+    if _CPU_FUSED_ATTENTION is not None and q.device.type == "cpu" and \
+            q.dtype in (torch.float32, torch.float64):
+        bias = torch.zeros(allowed.shape, dtype=q.dtype, device=q.device)
+        bias.masked_fill_(~allowed, float("-inf"))
+        out, lse = _CPU_FUSED_ATTENTION(q, k, v, attn_mask=bias, scale=scale)
+        # the fused op reports lse 0 for a row without keys: it must weigh nothing
+        return out, torch.where(allowed.any(-1), lse, float("-inf"))
     scores = torch.matmul(q, k.transpose(-1, -2)) * scale
     scores = scores.masked_fill(~allowed, float("-inf"))
     lse = torch.logsumexp(scores, dim=-1)
@@ -103,14 +116,14 @@ def prefix_attention_torch(query, prefix_keys, prefix_values, prefix_mask,
         q = query.to(dtype).view(parents, per, kv_heads, group, tokens, dim)
         q = q.permute(0, 2, 1, 3, 4, 5).reshape(parents, kv_heads, per * group * tokens, dim)
         out, lse = _masked_softmax_attention(q, k, v, key_ok[:, None, None, :], scale)
-        out = out.view(parents, kv_heads, per, group, tokens, dim).permute(0, 2, 1, 3, 4, 5)
-        lse = lse.view(parents, kv_heads, per, group, tokens).permute(0, 2, 1, 3, 4)
+        out = out.reshape(parents, kv_heads, per, group, tokens, dim).permute(0, 2, 1, 3, 4, 5)
+        lse = lse.reshape(parents, kv_heads, per, group, tokens).permute(0, 2, 1, 3, 4)
         return (out.reshape(n, heads, tokens, dim), lse.reshape(n, heads, tokens))
     # uneven groups (not the search's layout): index the prefix per child
     q = query.to(dtype).reshape(n, kv_heads, group * tokens, dim)
     out, lse = _masked_softmax_attention(q, k[groups.parent], v[groups.parent],
                                          key_ok[groups.parent][:, None, None, :], scale)
-    return out.view(n, heads, tokens, dim), lse.view(n, heads, tokens)
+    return out.reshape(n, heads, tokens, dim), lse.reshape(n, heads, tokens)
 
 
 def suffix_attention_torch(query, suffix_keys, suffix_values, suffix_mask, scale: float):
@@ -125,10 +138,10 @@ def suffix_attention_torch(query, suffix_keys, suffix_values, suffix_mask, scale
     own_column = length - tokens + torch.arange(tokens, device=query.device)
     causal = column[None, :] <= own_column[:, None]
     allowed = causal[None] & suffix_mask.bool()[:, None, :]  # [N, T, S]
-    allowed = allowed[:, None, None].expand(n, kv_heads, heads // kv_heads, tokens, length)
+    allowed = allowed[:, None].expand(n, heads // kv_heads, tokens, length)
     out, lse = _masked_softmax_attention(q, suffix_keys.to(dtype), suffix_values.to(dtype),
-                                         allowed.reshape(n, kv_heads, -1, length), scale)
-    return out.view(n, heads, tokens, dim), lse.view(n, heads, tokens)
+                                         allowed.reshape(n, 1, -1, length), scale)
+    return out.reshape(n, heads, tokens, dim), lse.reshape(n, heads, tokens)
 
 
 def merge_attention(out_a, lse_a, out_b, lse_b):
