@@ -115,11 +115,13 @@ def _block_sizes(rows_per_parent: int, head_dim: int, block_m, block_n):
 
 
 def prefix_attention_forward(query, prefix_keys, prefix_values, prefix_mask, child_start,
-                             scale: float, block_m: int | None = None,
-                             block_n: int | None = None):
+                             scale: float, max_children: int | None = None,
+                             block_m: int | None = None, block_n: int | None = None):
     """Launch the kernel. ``query`` [N, H, T, D]; ``prefix_keys`` / ``prefix_values``
     [P, KVH, L, D]; ``prefix_mask`` [P, L] (nonzero = a real key); ``child_start`` [P + 1]
-    int64, non-decreasing, child_start[0] = 0 and child_start[P] = N.
+    int64, non-decreasing, child_start[0] = 0 and child_start[P] = N; ``max_children``: the
+    most children of one parent when the caller knows it (else read from ``child_start``, a
+    device sync).
 
     Returns (out [N, H, T, D], lse [N, H, T]) in the compute dtype (float32, or float64 for
     float64 inputs). The caller validates shapes (``oreo_fast.cascade``).
@@ -135,7 +137,8 @@ def prefix_attention_forward(query, prefix_keys, prefix_values, prefix_mask, chi
     if prefix_mask.dtype == torch.bool:
         prefix_mask = prefix_mask.to(torch.int8)
     child_start = child_start.to(device=query.device, dtype=torch.int64).contiguous()
-    most_children = int((child_start[1:] - child_start[:-1]).max())
+    most_children = max_children if max_children is not None else \
+        int((child_start[1:] - child_start[:-1]).max())
     rows_per_parent = most_children * tokens * group
     block_m, block_n, block_d = _block_sizes(rows_per_parent, head_dim, block_m, block_n)
     grid = (parents, kv_heads, triton.cdiv(max(rows_per_parent, 1), block_m))

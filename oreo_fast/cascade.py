@@ -181,7 +181,8 @@ def cascade_attention(query, prefix_keys, prefix_values, prefix_mask, groups: Ch
         from oreo_fast.kernels.cascade_attention import prefix_attention_forward
 
         out_p, lse_p = prefix_attention_forward(query, prefix_keys, prefix_values, prefix_mask,
-                                                groups.child_start, scale)
+                                                groups.child_start, scale,
+                                                max_children=groups.per_parent)
     else:
         out_p, lse_p = prefix_attention_torch(query, prefix_keys, prefix_values, prefix_mask,
                                               groups, scale)
