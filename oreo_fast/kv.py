@@ -138,7 +138,14 @@ def expand_rows(kv: KV, n: int, reserve: int = 0) -> KV:
 def gather_compact(kv: KV, rows: torch.Tensor) -> KV:
     """The given rows, their real columns moved right (left padding only, no holes), so the
     cache does not grow by the padding of every step."""
-    mask = kv.mask[rows]
+    return compact_rows([(k[rows], v[rows]) for k, v in _layers(kv.cache)], kv.mask[rows],
+                        kv.next_pos[rows])
+
+
+def compact_rows(layers: list[tuple[torch.Tensor, torch.Tensor]], mask: torch.Tensor,
+                 next_pos: torch.Tensor) -> KV:
+    """A KV of ``layers`` ([rows, heads, columns, dim] each) with ``mask`` [rows, columns],
+    the real columns moved right (left padding only, no holes)."""
     real = mask.sum(1)
     width = int(real.max())
     # column order: real columns first, in order (stable sort of "is padding")
@@ -149,9 +156,8 @@ def gather_compact(kv: KV, rows: torch.Tensor) -> KV:
     slot = torch.arange(width, device=mask.device)[None] - shift[:, None]
     idx = order.gather(1, slot.clamp(min=0))
     new_mask = (slot >= 0).long()
-    layers = []
-    for k, v in _layers(kv.cache):
-        k, v = k[rows], v[rows]
+    compacted = []
+    for k, v in layers:
         index = idx[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[3])
-        layers.append((k.gather(2, index), v.gather(2, index)))
-    return KV(_new_cache(layers), new_mask, kv.next_pos[rows])
+        compacted.append((k.gather(2, index), v.gather(2, index)))
+    return KV(_new_cache(compacted), new_mask, next_pos)

@@ -13,10 +13,12 @@ candidates (B copies of the root).
 
 Cost: every token goes through each model once. The policy and the value model each keep
 their own cache; the prompt is prefilled once per model; a beam's cache is reused by all its
-children, which only feed their new step tokens. The policy holds back each beam's last step
-token ("pending"): it is fed at the start of the next step, once per beam, not once per
-child, and never for candidates that are dropped. Positions are explicit everywhere (rows
-have different prompt lengths and the step caches have holes).
+children, which only feed their new step tokens; by default without copying it
+(``kv_sharing="cascade"``: ``oreo_fast.cascade`` attends to a parent's prefix once for all
+its children and merges that with each child's own step by log-sum-exp). The policy holds
+back each beam's last step token ("pending"): it is fed at the start of the next step, once
+per beam, not once per child, and never for candidates that are dropped. Positions are
+explicit everywhere (rows have different prompt lengths and the step caches have holes).
 
 Randomness is drawn per (problem, step, parent rank, child, token index) from its own
 generator and turned into a token by inverse-CDF sampling, so any batching, caching or
@@ -30,10 +32,13 @@ from typing import Callable
 
 import torch
 
+from oreo_fast.cascade import IMPLS, CascadeKV, materialize_rows, share_prefix
 from oreo_fast.generation import filter_logits
 from oreo_fast.kv import expand_rows, gather_compact, prefill
 
 # ----------------------------------------------------------------- configuration, results
+
+KV_SHARING = ("cascade", "copy")
 
 
 @dataclass
@@ -46,6 +51,10 @@ class SearchConfig:
     top_p: float = 1.0
     top_k: int = 0
     seed: int = 0
+    # how children reuse their parent's KV: "cascade" (the prefix is read in place, merged
+    # with each child's own suffix by log-sum-exp) or "copy" (expand_rows: one copy per child)
+    kv_sharing: str = "cascade"
+    attention_impl: str = "auto"  # cascade prefix attention: auto (Triton on CUDA), torch, triton
 
     def __post_init__(self):
         for name in ("beams", "candidates", "max_steps", "max_step_tokens"):
@@ -53,6 +62,11 @@ class SearchConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
             raise ValueError("temperature must be >= 0, top_p in (0, 1], top_k >= 0")
+        if self.kv_sharing not in KV_SHARING:
+            raise ValueError(f"kv_sharing must be one of {KV_SHARING}, got {self.kv_sharing!r}")
+        if self.attention_impl not in IMPLS:
+            raise ValueError(f"attention_impl must be one of {IMPLS}, got "
+                             f"{self.attention_impl!r}")
 
 
 @dataclass
@@ -168,6 +182,18 @@ def _children_per_parent(step: int, cfg: SearchConfig) -> int:
     return cfg.beams * cfg.candidates if step == 0 else cfg.candidates
 
 
+def _children_kv(kv, n_children: int, reserve: int, sharing: str, impl: str = "auto"):
+    """The children's view of their parents' KV: shared in place (cascade) or copied."""
+    if sharing == "cascade":
+        return share_prefix(kv, n_children, reserve=reserve, impl=impl)
+    return expand_rows(kv, n_children, reserve=reserve)
+
+
+def _kept_rows_kv(kv, rows: torch.Tensor):
+    """The kept children as the next step's parents (prefix + own step, holes removed)."""
+    return materialize_rows(kv, rows) if isinstance(kv, CascadeKV) else gather_compact(kv, rows)
+
+
 # ----------------------------------------------------------------- the cached searcher
 
 
@@ -209,8 +235,9 @@ def beam_search(policy, value_model, prompts: list[list[int]], cfg: SearchConfig
         # 1. the policy feeds each beam's pending token once, for all of its children
         logits = pol.forward_tokens(policy, pending[:, None], torch.ones_like(pending)[:, None],
                                     counts, "policy")[:, -1]
-        # 2. children share the parent's prefix: expand by index
-        pol_c = expand_rows(pol, n_children, reserve=cfg.max_step_tokens)
+        # 2. children share the parent's prefix: read in place (cascade) or copied
+        pol_c = _children_kv(pol, n_children, cfg.max_step_tokens, cfg.kv_sharing,
+                             cfg.attention_impl)
         logits = logits.repeat_interleave(n_children, dim=0)
         uniforms = []
         rank_in_problem: dict[int, int] = {}
@@ -241,7 +268,8 @@ def beam_search(policy, value_model, prompts: list[list[int]], cfg: SearchConfig
             logits = pol_c.forward_tokens(policy, feed[:, None], alive.long()[:, None],
                                           counts, "policy")[:, -1]
         # 4. the value model reads every candidate at its last token: the next step's state
-        val_c = expand_rows(val, n_children, reserve=cfg.max_step_tokens)
+        val_c = _children_kv(val, n_children, cfg.max_step_tokens, cfg.kv_sharing,
+                             cfg.attention_impl)
         width = max(int(length.max()), 1)
         step_mask = (torch.arange(width, device=device)[None] < length[:, None]).long()
         cand_values = val_c.forward_tokens(value_model, steps[:, :width], step_mask, counts,
@@ -281,8 +309,8 @@ def beam_search(policy, value_model, prompts: list[list[int]], cfg: SearchConfig
         # step's last token (it was sampled, not fed)
         keep = torch.tensor(keep_rows, device=device)
         pending = steps[keep, length[keep] - 1]
-        pol = gather_compact(pol_c, keep)
-        val = gather_compact(val_c, keep)
+        pol = _kept_rows_kv(pol_c, keep)
+        val = _kept_rows_kv(val_c, keep)
     results = []
     for i in range(len(prompts)):
         res = pick_answer(pools[i], last_beams[i] or [Candidate(-1, [], [], float(root_values[i]),
@@ -297,13 +325,16 @@ def beam_search(policy, value_model, prompts: list[list[int]], cfg: SearchConfig
 
 @torch.no_grad()
 def best_of_n(policy, value_model, prompts: list[list[int]], n: int, sampling, eos_ids,
-              pad_id: int, seed: int = 0, counts: TokenCounts | None = None) -> list[SearchResult]:
+              pad_id: int, seed: int = 0, counts: TokenCounts | None = None,
+              kv_sharing: str = "cascade") -> list[SearchResult]:
     """N full samples per prompt (``generation.generate``), each scored by the value model at
     its last response token (EOS excluded); the highest-valued one is returned."""
     from oreo_fast.generation import generate
 
     if n < 1:
         raise ValueError(f"best-of-N needs N >= 1, got {n}")
+    if kv_sharing not in KV_SHARING:
+        raise ValueError(f"kv_sharing must be one of {KV_SHARING}, got {kv_sharing!r}")
     check_models(policy, value_model)
     device = next(policy.parameters()).device
     gen = torch.Generator(device=device).manual_seed(seed)
@@ -312,7 +343,7 @@ def best_of_n(policy, value_model, prompts: list[list[int]], n: int, sampling, e
     results = []
     for prompt, group in zip(prompts, samples):
         val, root = prefill(value_model, [prompt], pad_id, counts, "value", values=True)
-        val = expand_rows(val, n)
+        val = _children_kv(val, n, 0, kv_sharing)
         lengths = torch.tensor([len(g.token_ids) for g in group], device=device)
         width = max(int(lengths.max()), 1)
         ids = torch.full((n, width), pad_id, dtype=torch.long, device=device)

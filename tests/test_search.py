@@ -52,10 +52,11 @@ def _run(searcher, models, cfg, **kw):
     return res, counts
 
 
+@pytest.mark.parametrize("kv_sharing", ["cascade", "copy"])
 @pytest.mark.parametrize("beams,candidates", [(2, 3), (3, 2)])
-def test_cached_search_equals_naive_reencoding(models, beams, candidates):
+def test_cached_search_equals_naive_reencoding(models, beams, candidates, kv_sharing):
     cfg = SearchConfig(beams=beams, candidates=candidates, max_steps=3, max_step_tokens=4,
-                       temperature=1.0, seed=7)
+                       temperature=1.0, seed=7, kv_sharing=kv_sharing)
     cached, c_counts = _run(beam_search, models, cfg)
     naive, n_counts = _run(naive_beam_search, models, cfg)
     for a, b in zip(cached, naive):

@@ -1,0 +1,155 @@
+"""Triton kernel: attention of a group of children's queries against their parent's shared
+prefix KV (the prefix half of cascade attention), forward only.
+
+In the beam search every parent beam has K children that all attend to the same prefix (the
+prompt and the steps so far). Instead of copying that prefix once per child, one program
+takes the queries of all children of one parent, for all query heads that share one KV head
+(GQA), and streams the parent's prefix keys and values once for all of them, with an online
+softmax over key blocks. It returns the normalised output and the log-sum-exp of every
+(child, head, token) row, so that the caller can merge it with the attention over each
+child's own suffix:
+
+    out = (e^lse_p * out_p + e^lse_s * out_s) / (e^lse_p + e^lse_s)
+
+Layout: queries [N, H, T, D] (N children, H query heads, T tokens), prefix keys and values
+[P, KVH, L, D] (P parents), key mask [P, L] (0 = left padding or a hole), ``child_start``
+[P + 1] int64: the children of parent p are query rows child_start[p] .. child_start[p+1] - 1.
+Any strides; offsets are int64. A row with no visible key gets output 0 and lse -inf.
+Accumulation is in float32 (float64 for float64 inputs).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _prefix_attention_kernel(
+    q_ptr, k_ptr, v_ptr, key_ok_ptr, child_start_ptr, out_ptr, lse_ptr,
+    T, L, D, G, scale,
+    stride_qn, stride_qh, stride_qt, stride_qd,
+    stride_kp, stride_kh, stride_kl, stride_kd,
+    stride_vp, stride_vh, stride_vl, stride_vd,
+    stride_mp, stride_ml,
+    stride_on, stride_oh, stride_ot, stride_od,
+    stride_ln, stride_lh, stride_lt,
+    DTYPE: tl.constexpr, USE_DOT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    parent = tl.program_id(0).to(tl.int64)
+    kv_head = tl.program_id(1).to(tl.int64)
+    row_block = tl.program_id(2).to(tl.int64)
+    first_child = tl.load(child_start_ptr + parent).to(tl.int64)
+    n_rows = (tl.load(child_start_ptr + parent + 1).to(tl.int64) - first_child) * T * G
+
+    # one row per (child, token, query head of this KV head); the query head varies fastest
+    rows = row_block * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
+    row_ok = rows < n_rows
+    group_head = rows % G
+    token = (rows // G) % T
+    child = first_child + rows // (G * T)
+    head = kv_head * G + group_head
+    dims = tl.arange(0, BLOCK_D).to(tl.int64)
+    dim_ok = dims < D
+
+    q_offsets = (child[:, None] * stride_qn + head[:, None] * stride_qh
+                 + token[:, None] * stride_qt + dims[None, :] * stride_qd)
+    q = tl.load(q_ptr + q_offsets, mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
+    q = q.to(DTYPE) * scale
+
+    k_base = k_ptr + parent * stride_kp + kv_head * stride_kh
+    v_base = v_ptr + parent * stride_vp + kv_head * stride_vh
+    mask_base = key_ok_ptr + parent * stride_mp
+
+    row_max = tl.full([BLOCK_M], float("-inf"), DTYPE)
+    row_sum = tl.zeros([BLOCK_M], DTYPE)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], DTYPE)
+    # a block past this parent's rows reads nothing (parents may have fewer children)
+    n_keys = tl.where(row_block * BLOCK_M < n_rows, L, 0)
+    for start in range(0, n_keys, BLOCK_N):
+        keys = start + tl.arange(0, BLOCK_N).to(tl.int64)
+        key_in = keys < L
+        key_ok = tl.load(mask_base + keys * stride_ml, mask=key_in, other=0) != 0
+        kv_mask = key_in[:, None] & dim_ok[None, :]
+        k = tl.load(k_base + keys[:, None] * stride_kl + dims[None, :] * stride_kd,
+                    mask=kv_mask, other=0.0).to(DTYPE)
+        v = tl.load(v_base + keys[:, None] * stride_vl + dims[None, :] * stride_vd,
+                    mask=kv_mask, other=0.0).to(DTYPE)
+        if USE_DOT:
+            scores = tl.dot(q, tl.trans(k), input_precision="ieee")
+        else:  # float64: no tensor-core dot; a broadcast product is exact and fine for tests
+            scores = tl.sum(q[:, None, :] * k[None, :, :], axis=2)
+        scores = tl.where(key_ok[None, :], scores, float("-inf"))
+
+        new_max = tl.maximum(row_max, tl.max(scores, axis=1))
+        # while a row has seen only masked keys, shift by 0 rather than form -inf - -inf
+        shift = tl.where(new_max == float("-inf"), 0.0, new_max)
+        probs = tl.exp(scores - shift[:, None])
+        rescale = tl.exp(row_max - shift)
+        row_sum = row_sum * rescale + tl.sum(probs, axis=1)
+        if USE_DOT:
+            update = tl.dot(probs.to(DTYPE), v, input_precision="ieee")
+        else:
+            update = tl.sum(probs[:, :, None] * v[None, :, :], axis=1)
+        acc = acc * rescale[:, None] + update
+        row_max = new_max
+
+    seen = row_sum > 0
+    out = acc / tl.where(seen, row_sum, 1.0)[:, None]
+    lse = tl.where(seen, row_max + tl.log(tl.where(seen, row_sum, 1.0)), float("-inf"))
+    o_offsets = (child[:, None] * stride_on + head[:, None] * stride_oh
+                 + token[:, None] * stride_ot + dims[None, :] * stride_od)
+    tl.store(out_ptr + o_offsets, out, mask=row_ok[:, None] & dim_ok[None, :])
+    tl.store(lse_ptr + child * stride_ln + head * stride_lh + token * stride_lt, lse,
+             mask=row_ok)
+
+
+def _block_sizes(rows_per_parent: int, head_dim: int, block_m, block_n):
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    if block_m is None:
+        block_m = min(64, max(16, triton.next_power_of_2(rows_per_parent)))
+    if block_n is None:
+        block_n = 64 if torch.cuda.is_available() else 32
+    return block_m, block_n, block_d
+
+
+def prefix_attention_forward(query, prefix_keys, prefix_values, prefix_mask, child_start,
+                             scale: float, max_children: int | None = None,
+                             block_m: int | None = None, block_n: int | None = None):
+    """Launch the kernel. ``query`` [N, H, T, D]; ``prefix_keys`` / ``prefix_values``
+    [P, KVH, L, D]; ``prefix_mask`` [P, L] (nonzero = a real key); ``child_start`` [P + 1]
+    int64, non-decreasing, child_start[0] = 0 and child_start[P] = N; ``max_children``: the
+    most children of one parent when the caller knows it (else read from ``child_start``, a
+    device sync).
+
+    Returns (out [N, H, T, D], lse [N, H, T]) in the compute dtype (float32, or float64 for
+    float64 inputs). The caller validates shapes (``oreo_fast.cascade``).
+    """
+    n, heads, tokens, head_dim = query.shape
+    parents, kv_heads, length, _ = prefix_keys.shape
+    group = heads // kv_heads
+    dtype = torch.float64 if query.dtype == torch.float64 else torch.float32
+    out = torch.zeros(n, heads, tokens, head_dim, dtype=dtype, device=query.device)
+    lse = torch.full((n, heads, tokens), float("-inf"), dtype=dtype, device=query.device)
+    if n * tokens == 0 or parents == 0:
+        return out, lse
+    if prefix_mask.dtype == torch.bool:
+        prefix_mask = prefix_mask.to(torch.int8)
+    child_start = child_start.to(device=query.device, dtype=torch.int64).contiguous()
+    most_children = max_children if max_children is not None else \
+        int((child_start[1:] - child_start[:-1]).max())
+    rows_per_parent = most_children * tokens * group
+    block_m, block_n, block_d = _block_sizes(rows_per_parent, head_dim, block_m, block_n)
+    grid = (parents, kv_heads, triton.cdiv(max(rows_per_parent, 1), block_m))
+    _prefix_attention_kernel[grid](
+        query, prefix_keys, prefix_values, prefix_mask, child_start, out, lse,
+        tokens, length, head_dim, group, scale,
+        *query.stride(), *prefix_keys.stride(), *prefix_values.stride(), *prefix_mask.stride(),
+        *out.stride(), *lse.stride(),
+        DTYPE=tl.float64 if dtype == torch.float64 else tl.float32,
+        USE_DOT=dtype != torch.float64,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
+        num_warps=4 if block_m * block_d <= 4096 else 8,
+    )
+    return out, lse
