@@ -23,6 +23,50 @@ RESULTS_DIR = Path(__file__).resolve().parent / "results"
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
+# glibc keeps freed blocks below its (adaptive) mmap threshold resident; a fixed threshold
+# makes every large tensor its own mapping, returned on free, so RSS follows the live tensors
+MEMORY_SUBPROCESS_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072"}
+
+
+def measure_in_subprocess(module: str, args: list[str], timeout: float) -> dict:
+    """Run ``python -m module *args`` in a fresh process (peak memory of one provider alone)
+    and return the JSON object on its last stdout line, or a failed status with the reason."""
+    command = [sys.executable, "-m", module, *args]
+    try:
+        done = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True,
+                              env={**os.environ, **MEMORY_SUBPROCESS_ENV}, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"status": "failed", "reason": "memory subprocess timed out"}
+    lines = done.stdout.strip().splitlines()
+    if done.returncode != 0 or not lines:
+        return {"status": "failed",
+                "reason": f"memory subprocess exit {done.returncode}: {done.stderr[-1500:]}"}
+    return json.loads(lines[-1])
+
+
+def table_cell(entry: dict, key: str, fmt: str) -> str:
+    value = entry.get(key)
+    return format(value, fmt) if value is not None else "-"
+
+
+def status_cell(entry: dict) -> str:
+    status = entry.get("status", "?")
+    return status if status == "ok" else f"{status}: {entry.get('reason', '')}"[:120]
+
+
+
+class TableSummary:
+    """A pytest plugin that prints a benchmark's table at the end of the run; a suite
+    registers it once its report is written."""
+
+    def __init__(self, title: str, table: str, path):
+        self.title, self.table, self.path = title, table, path
+
+    def pytest_terminal_summary(self, terminalreporter):
+        terminalreporter.write_sep("-", self.title)
+        terminalreporter.write_line(self.table)
+        terminalreporter.write_line(f"results written to {self.path}")
+
 def _version(package: str) -> str | None:
     try:
         return importlib.metadata.version(package)
@@ -182,16 +226,12 @@ def format_table(report: dict) -> str:
     ]
     for name, entry in report["providers"].items():
         def num(key, fmt):
-            value = entry.get(key)
-            return format(value, fmt) if value is not None else "-"
+            return table_cell(entry, key, fmt)
 
-        status = entry.get("status", "?")
-        if status != "ok":
-            status = f"{status}: {entry.get('reason', '')}"[:120]
         lines.append(
             f"| {name} | {num('median_ms', '.1f')} | {num('extra_peak_mib', '.0f')} | "
             f"{num('speedup_vs_baseline', '.2f')}x | "
-            f"{num('extra_peak_fraction_of_baseline', '.3f')} | {status} |"
+            f"{num('extra_peak_fraction_of_baseline', '.3f')} | {status_cell(entry)} |"
         )
     for target, met in report.get("targets", {}).items():
         lines.append(f"target {target}: {'met' if met else 'NOT met' if met is False else 'n/a'}")

@@ -4,35 +4,17 @@ the timed region, that its values and gradients match oreo_fast.reference."""
 from __future__ import annotations
 
 import gc
-import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
 from benchmarks import providers, report
 
-# glibc keeps freed blocks below its (adaptive) mmap threshold resident; a fixed threshold
-# makes every large tensor its own mapping, returned on free, so RSS follows the live tensors
-_SUBPROCESS_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072"}
-
 
 def _measure_memory(name: str, shape_name: str, device: torch.device) -> dict:
-    env = {**os.environ, **_SUBPROCESS_ENV}
-    command = [sys.executable, "-m", "benchmarks.runner", "--provider", name,
-               "--shape", shape_name, "--device", str(device)]
-    try:
-        done = subprocess.run(command, cwd=report.REPO_ROOT, env=env, capture_output=True,
-                              text=True, timeout=1200)
-    except subprocess.TimeoutExpired:
-        return {"status": "failed", "reason": "memory subprocess timed out"}
-    lines = done.stdout.strip().splitlines()
-    if done.returncode != 0 or not lines:
-        return {"status": "failed",
-                "reason": f"memory subprocess exit {done.returncode}: {done.stderr[-1500:]}"}
-    return json.loads(lines[-1])
+    return report.measure_in_subprocess(
+        "benchmarks.runner", ["--provider", name, "--shape", shape_name, "--device", str(device)],
+        timeout=1200)
 
 
 @pytest.mark.parametrize("name", list(providers.PROVIDERS))

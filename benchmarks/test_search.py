@@ -22,25 +22,16 @@ import torch
 from benchmarks import report as ops_report
 from benchmarks import search_bench as sb
 from benchmarks.memory import peak_memory
+from benchmarks.providers import configure_threads
 
 RESULTS: dict[str, dict] = {}
 OUTPUTS: dict[str, list] = {}
 _STATE: dict = {}
 
 
-class _Summary:
-    def pytest_terminal_summary(self, terminalreporter):
-        if "report" in _STATE:
-            terminalreporter.write_sep("-", "oreo_fast beam-search benchmark")
-            terminalreporter.write_line(sb.format_table(_STATE["report"]))
-            terminalreporter.write_line(f"results written to {_STATE['path']}")
-
-
 @pytest.fixture(scope="module")
 def search_setup(request):
-    threads = os.environ.get("OREO_BENCH_THREADS")
-    if threads:
-        torch.set_num_threads(int(threads))
+    configure_threads()
     device = sb.bench_device()
     shape_name, shape = sb.bench_shape(device)
     policy, value = sb.build_models(shape, device)
@@ -52,7 +43,8 @@ def search_setup(request):
         built = sb.build_report(RESULTS, device, shape_name, shape)
         directory = Path(os.environ.get("OREO_BENCH_RESULTS_DIR", ops_report.RESULTS_DIR))
         _STATE["report"], _STATE["path"] = built, sb.write_report(built, directory)
-        request.config.pluginmanager.register(_Summary(), "oreo_search_summary")
+        request.config.pluginmanager.register(ops_report.TableSummary(
+            "oreo_fast beam-search benchmark", sb.format_table(built), _STATE["path"]), "oreo_search_summary")
 
 
 def _sync(device):

@@ -12,11 +12,8 @@ OREO_BENCH_TRAIN_ATTN (default sdpa).
 from __future__ import annotations
 
 import gc
-import json
 import os
 import statistics
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -26,19 +23,8 @@ import torch
 from benchmarks import report as ops_report
 from benchmarks import train_step as ts
 
-_SUBPROCESS_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072"}  # see benchmarks/test_ops.py
 RESULTS: dict[str, dict] = {}
 _STATE: dict = {}
-
-
-class _Summary:
-    """Prints the table at the end of the pytest run (registered once a report exists)."""
-
-    def pytest_terminal_summary(self, terminalreporter):
-        if "report" in _STATE:
-            terminalreporter.write_sep("-", "oreo_fast trainer-step benchmark")
-            terminalreporter.write_line(ts.format_table(_STATE["report"]))
-            terminalreporter.write_line(f"results written to {_STATE['path']}")
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +44,8 @@ def train_setup(request):
             built["check"] = _STATE["check"]
         directory = Path(os.environ.get("OREO_BENCH_RESULTS_DIR", ops_report.RESULTS_DIR))
         _STATE["report"], _STATE["path"] = built, ts.write_report(built, directory)
-        request.config.pluginmanager.register(_Summary(), "oreo_train_step_summary")
+        request.config.pluginmanager.register(ops_report.TableSummary(
+            "oreo_fast trainer-step benchmark", ts.format_table(built), _STATE["path"]), "oreo_train_step_summary")
 
 
 @pytest.fixture(scope="module")
@@ -69,19 +56,9 @@ def expected(train_setup):
 
 
 def _measure_memory(name: str, device: torch.device) -> dict:
-    env = {**os.environ, **_SUBPROCESS_ENV}
-    command = [sys.executable, "-m", "benchmarks.train_step_runner", "--provider", name,
-               "--device", str(device)]
-    try:
-        done = subprocess.run(command, cwd=ops_report.REPO_ROOT, env=env, capture_output=True,
-                              text=True, timeout=1800)
-    except subprocess.TimeoutExpired:
-        return {"status": "failed", "reason": "memory subprocess timed out"}
-    lines = done.stdout.strip().splitlines()
-    if done.returncode != 0 or not lines:
-        return {"status": "failed",
-                "reason": f"memory subprocess exit {done.returncode}: {done.stderr[-1500:]}"}
-    return json.loads(lines[-1])
+    return ops_report.measure_in_subprocess(
+        "benchmarks.train_step_runner", ["--provider", name, "--device", str(device)],
+        timeout=1800)
 
 
 def _free(device):

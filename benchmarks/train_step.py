@@ -457,14 +457,12 @@ def format_table(built: dict) -> str:
     ]
     for name, entry in built["providers"].items():
         def num(key, fmt):
-            value = entry.get(key)
-            return format(value, fmt) if value is not None else "-"
-        status = entry.get("status", "?")
-        if status != "ok":
-            status = f"{status}: {entry.get('reason', '')}"[:120]
+            return ops_report.table_cell(entry, key, fmt)
+
         lines.append(f"| {name} | {num('median_ms', '.0f')} | {num('tokens_per_s', '.0f')} | "
                      f"{num('cpu_time_median_ms', '.0f')} | {num('tokens_per_cpu_s', '.0f')} | "
-                     f"{num('peak_mib', '.0f')} | {num('extra_peak_mib', '.0f')} | {status} |")
+                     f"{num('peak_mib', '.0f')} | {num('extra_peak_mib', '.0f')} | "
+                     f"{ops_report.status_cell(entry)} |")
     for key, value in built.get("ratios", {}).items():
         lines.append(f"{key}: {value:.3f}")
     for key, value in built.get("goal", {}).items():
