@@ -12,13 +12,7 @@ from oreo_fast.tasks import ArithmeticConfig, format_prompt, generate_splits
 from oreo_fast.tokenizer import build_tokenizer, encode_pair, load_tokenizer
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run far faster on one thread, above all when the cores are shared."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 TINY = TinyModelConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,

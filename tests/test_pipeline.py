@@ -19,13 +19,7 @@ from oreo_fast.tokenizer import load_tokenizer
 from oreo_fast.trajectories import balance, read_trajectories
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run far faster on one thread, above all when the cores are shared."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 TASK = ArithmeticConfig(n_train=8, n_test=4, min_steps=2, max_steps=2, max_value=99,
