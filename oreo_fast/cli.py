@@ -151,6 +151,10 @@ def build_parser() -> argparse.ArgumentParser:
                                            "value": "value model folder for --beams / --best-of",
                                            "beams": "value-guided beam search with B beams",
                                            "candidates": "K sampled next steps per beam",
+                                           "distinct_beams": "identical candidates take one "
+                                                             "beam place",
+                                           "kv_sharing": "beam children's KV: cascade (read "
+                                                         "in place) or copy",
                                            "best_of": "best-of-N samples picked by value"})
     p.set_defaults(func=cmd_eval)
 

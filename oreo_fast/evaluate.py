@@ -47,6 +47,8 @@ class EvalConfig:
     candidates: int = 4  # K: sampled next steps per beam
     max_steps: int = 16  # step limit of the beam search
     max_step_tokens: int = 64  # tokens per step at most
+    distinct_beams: bool = False  # identical candidates take one beam place
+    kv_sharing: str = "cascade"  # children read the parent's KV in place, or "copy" it
     best_of: int = 0  # N: best-of-N by value (0: off)
     search_batch_size: int = 16  # problems per beam-search batch
 
@@ -55,6 +57,10 @@ class EvalConfig:
             raise ValueError("beams and best_of must be >= 0")
         if self.beams and self.candidates < 1:
             raise ValueError(f"candidates must be >= 1, got {self.candidates}")
+        from oreo_fast.search import KV_SHARING
+
+        if self.kv_sharing not in KV_SHARING:
+            raise ValueError(f"kv_sharing must be one of {KV_SHARING}, got {self.kv_sharing!r}")
         if (self.beams or self.best_of) and not self.value:
             raise ValueError("--beams and --best-of need --value (a value model folder)")
 
@@ -131,9 +137,11 @@ def _search_reports(config: EvalConfig, model, value, tokenizer, encoded) -> dic
 
     out = {}
     if config.beams:
-        cfg = SearchConfig(config.beams, config.candidates, config.max_steps,
-                           config.max_step_tokens, config.temperature, config.top_p,
-                           config.top_k, config.seed)
+        cfg = SearchConfig(beams=config.beams, candidates=config.candidates,
+                           max_steps=config.max_steps, max_step_tokens=config.max_step_tokens,
+                           temperature=config.temperature, top_p=config.top_p,
+                           top_k=config.top_k, seed=config.seed,
+                           distinct=config.distinct_beams, kv_sharing=config.kv_sharing)
         res = search_accuracy(model, value, tokenizer, encoded, cfg, config.search_batch_size)
         res.pop("predictions")
         out["beam_accuracy"], out["beam_search"] = res["accuracy"], res
@@ -143,6 +151,6 @@ def _search_reports(config: EvalConfig, model, value, tokenizer, encoded) -> dic
         sampling = SamplingConfig(config.max_new_tokens, config.temperature, config.top_p,
                                   config.top_k)
         res = best_of_n_accuracy(model, value, tokenizer, encoded, config.best_of, sampling,
-                                 config.seed)
+                                 config.seed, kv_sharing=config.kv_sharing)
         out[f"best_of_{config.best_of}_accuracy"], out["best_of_n"] = res["accuracy"], res
     return out

@@ -74,14 +74,15 @@ def search_accuracy(policy, value, tokenizer, encoded, cfg: SearchConfig,
 
 
 def best_of_n_accuracy(policy, value, tokenizer, encoded, n: int, sampling: SamplingConfig,
-                       seed: int = 0, batch_size: int = 8) -> dict:
+                       seed: int = 0, batch_size: int = 8, kv_sharing: str = "cascade") -> dict:
     t0 = time.time()
     eos = stop_token_ids(policy, tokenizer)
     counts, correct = TokenCounts(), 0
     for start in range(0, len(encoded), batch_size):
         chunk = encoded[start:start + batch_size]
         results = best_of_n(policy, value, [ids for _, ids in chunk], n, sampling, eos,
-                            tokenizer.pad_token_id, seed=seed + start, counts=counts)
+                            tokenizer.pad_token_id, seed=seed + start, counts=counts,
+                            kv_sharing=kv_sharing)
         for (problem, _), res in zip(chunk, results):
             answer = extract_answer(problem.kind, tokenizer.decode(res.tokens,
                                                                    skip_special_tokens=True))

@@ -62,7 +62,7 @@ def naive_beam_search(policy, value_model, prompts: list[list[int]], cfg: Search
                         value = parent.value
                     candidates.append(make_candidate(rank, parent.tokens, step_tokens, value,
                                                      ended, is_final))
-            finished, beams = select_beams(candidates, cfg.beams)
+            finished, beams = select_beams(candidates, cfg.beams, cfg.distinct)
             pool.extend(finished)
             history.append(beams)
             expanded.append(candidates)

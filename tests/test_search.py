@@ -134,12 +134,46 @@ def _cand(value, finished=False, tokens=(1,)):
 
 
 def test_select_keeps_top_unfinished_and_pools_finished():
-    cands = [_cand(0.1), _cand(0.9, finished=True), _cand(0.5), _cand(0.7), _cand(0.5)]
+    cands = [_cand(0.1, tokens=(1,)), _cand(0.9, True, (2,)), _cand(0.5, tokens=(3,)),
+             _cand(0.7, tokens=(4,)), _cand(0.5, tokens=(5,))]
     finished, kept = select_beams(cands, 2)
     assert finished == [cands[1]] and kept == [cands[3], cands[2]]  # tie: earlier first
     res = pick_answer([_cand(0.2, True, (5,)), _cand(0.8, True, (6,))], [_cand(3.0)])
     assert res.tokens == [6] and res.finished  # finished answers beat a higher beam
     assert pick_answer([], [_cand(0.1, tokens=(2,)), _cand(0.3, tokens=(4,))]).tokens == [4]
+
+
+def test_identical_candidates_take_one_place():
+    a, a_again, b, c = _cand(0.9, tokens=(1, 2)), _cand(0.9, tokens=(1, 2)), _cand(0.5, tokens=(3,)), \
+        _cand(0.4, tokens=(4,))
+    done, done_again = _cand(0.8, True, (7,)), _cand(0.8, True, (7,))
+    unfinished_twin = _cand(0.1, tokens=(7,))  # same tokens, not finished: another state
+    cands = [a, done, a_again, b, done_again, c, unfinished_twin]
+    finished, kept = select_beams(cands, 3, distinct=True)
+    assert finished == [done] and kept == [a, b, c]
+    finished, kept = select_beams(cands, 3)  # the paper's rule: copies compete too
+    assert finished == [done, done_again] and kept == [a, a_again, b]
+
+
+def test_low_temperature_beams_stay_distinct_and_match_naive(models):
+    tok, policy, value, prompts = models
+    distinct_steps = {}
+    for distinct in (True, False):
+        cfg = SearchConfig(beams=3, candidates=3, max_steps=3, max_step_tokens=3,
+                           temperature=0.3, seed=5, distinct=distinct)
+        cached, _ = _run(beam_search, models, cfg)
+        naive, _ = _run(naive_beam_search, models, cfg)
+        duplicated = 0
+        for r, n in zip(cached, naive):
+            assert [[c.tokens for c in s] for s in r.beams_per_step] == \
+                [[c.tokens for c in s] for s in n.beams_per_step]
+            assert [c.tokens for c in r.pool] == [c.tokens for c in n.pool]
+            for kept in r.beams_per_step:
+                duplicated += len(kept) - len({tuple(c.tokens) for c in kept})
+            duplicated += len(r.pool) - len({tuple(c.tokens) for c in r.pool})
+        distinct_steps[distinct] = duplicated
+    # without the rule the same seed keeps copies of a beam; with it, none
+    assert distinct_steps[True] == 0 and distinct_steps[False] > 0
 
 
 def test_all_candidates_finishing_stops_the_search(models):
@@ -206,7 +240,18 @@ def test_eval_cli_beam_search_best_of_n_and_errors(models, tmp_path, capsys):
     report = json.loads(out.read_text())
     assert 0 <= report["beam_accuracy"] <= 1 and 0 <= report["best_of_2_accuracy"] <= 1
     assert report["beam_search"]["policy_tokens"] > 0 and report["beam_search"]["value_tokens"] > 0
+    copied = tmp_path / "copied.json"
+    assert main(base + ["--out", str(copied), "--value", str(tmp_path / "value"), "--beams", "2",
+                        "--candidates", "2", "--max-steps", "2", "--max-step-tokens", "4",
+                        "--kv-sharing", "copy"]) == 0
+    copy_report = json.loads(copied.read_text())
+    assert copy_report["beam_accuracy"] == report["beam_accuracy"]
+    for key in ("policy_tokens", "value_tokens"):  # same search, prefixes copied instead
+        assert copy_report["beam_search"][key] == report["beam_search"][key]
     capsys.readouterr()
+    assert main(base + ["--out", str(out), "--value", str(tmp_path / "value"), "--beams", "2",
+                        "--kv-sharing", "paged"]) == 2
+    assert "kv_sharing must be one of" in capsys.readouterr().err
     assert main(base + ["--out", str(out), "--beams", "2"]) == 2
     assert "need --value" in capsys.readouterr().err
     assert main(base + ["--out", str(out), "--value", str(tmp_path / "value"), "--beams", "2",
