@@ -1,21 +1,25 @@
-"""Triton kernel: attention of a group of children's queries against their parent's shared
-prefix KV (the prefix half of cascade attention), forward only.
+"""Triton kernels for cascade attention: children's queries against their parent's shared
+prefix KV, then against each child's own suffix, forward only.
 
 In the beam search every parent beam has K children that all attend to the same prefix (the
-prompt and the steps so far). Instead of copying that prefix once per child, one program
+prompt and the steps so far). Instead of copying that prefix once per child, the prefix kernel
 takes the queries of all children of one parent, for all query heads that share one KV head
 (GQA), and streams the parent's prefix keys and values once for all of them, with an online
 softmax over key blocks. It returns the normalised output and the log-sum-exp of every
-(child, head, token) row, so that the caller can merge it with the attention over each
-child's own suffix:
+(child, head, token) row. The suffix kernel then goes on with each row's online softmax over
+the child's own suffix keys (its step so far, causal), starting from the prefix's state
+(running max = lse_p, running sum = 1, accumulator = out_p), so the merge
 
     out = (e^lse_p * out_p + e^lse_s * out_s) / (e^lse_p + e^lse_s)
 
+falls out of the same recurrence, with no separate suffix output or merge pass.
+
 Layout: queries [N, H, T, D] (N children, H query heads, T tokens), prefix keys and values
 [P, KVH, L, D] (P parents), key mask [P, L] (0 = left padding or a hole), ``child_start``
-[P + 1] int64: the children of parent p are query rows child_start[p] .. child_start[p+1] - 1.
-Any strides; offsets are int64. A row with no visible key gets output 0 and lse -inf.
-Accumulation is in float32 (float64 for float64 inputs).
+[P + 1] int64: the children of parent p are query rows child_start[p] .. child_start[p+1] - 1;
+suffix keys and values [N, KVH, S, D] whose last T columns are the queries' own tokens, key
+mask [N, S]. Any strides; offsets are int64. A row with no visible key gets output 0 and lse
+-inf. Accumulation is in float32 (float64 for float64 inputs).
 """
 from __future__ import annotations
 
@@ -105,6 +109,89 @@ def _prefix_attention_kernel(
              mask=row_ok)
 
 
+@triton.jit
+def _suffix_merge_kernel(
+    q_ptr, k_ptr, v_ptr, key_ok_ptr, prefix_out_ptr, prefix_lse_ptr, out_ptr, lse_ptr,
+    T, S, D, G, scale,
+    stride_qn, stride_qh, stride_qt, stride_qd,
+    stride_kn, stride_kh, stride_ks, stride_kd,
+    stride_vn, stride_vh, stride_vs, stride_vd,
+    stride_mn, stride_ms,
+    stride_pn, stride_ph, stride_pt, stride_pd,
+    stride_pln, stride_plh, stride_plt,
+    stride_on, stride_oh, stride_ot, stride_od,
+    stride_ln, stride_lh, stride_lt,
+    DTYPE: tl.constexpr, USE_DOT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    child = tl.program_id(0).to(tl.int64)
+    kv_head = tl.program_id(1).to(tl.int64)
+    row_block = tl.program_id(2).to(tl.int64)
+
+    # one row per (token, query head of this KV head) of this child
+    rows = row_block * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
+    row_ok = rows < T * G
+    token = rows // G
+    head = kv_head * G + rows % G
+    dims = tl.arange(0, BLOCK_D).to(tl.int64)
+    dim_ok = dims < D
+    row_dim_ok = row_ok[:, None] & dim_ok[None, :]
+
+    q = tl.load(q_ptr + child * stride_qn + head[:, None] * stride_qh
+                + token[:, None] * stride_qt + dims[None, :] * stride_qd,
+                mask=row_dim_ok, other=0.0).to(DTYPE) * scale
+    # the prefix's softmax as an online-softmax state: max lse_p, sum 1, accumulator out_p
+    prefix_lse = tl.load(prefix_lse_ptr + child * stride_pln + head * stride_plh
+                         + token * stride_plt, mask=row_ok, other=float("-inf")).to(DTYPE)
+    prefix_out = tl.load(prefix_out_ptr + child * stride_pn + head[:, None] * stride_ph
+                         + token[:, None] * stride_pt + dims[None, :] * stride_pd,
+                         mask=row_dim_ok, other=0.0).to(DTYPE)
+    had_prefix = prefix_lse > float("-inf")
+    row_max = prefix_lse
+    row_sum = tl.where(had_prefix, 1.0, 0.0).to(DTYPE)
+    acc = tl.where(had_prefix[:, None], prefix_out, 0.0)
+
+    k_base = k_ptr + child * stride_kn + kv_head * stride_kh
+    v_base = v_ptr + child * stride_vn + kv_head * stride_vh
+    own_column = S - T + token  # causal: a token sees its suffix up to itself
+    for start in range(0, S, BLOCK_N):
+        keys = start + tl.arange(0, BLOCK_N).to(tl.int64)
+        key_in = keys < S
+        key_ok = tl.load(key_ok_ptr + child * stride_mn + keys * stride_ms, mask=key_in,
+                         other=0) != 0
+        kv_mask = key_in[:, None] & dim_ok[None, :]
+        k = tl.load(k_base + keys[:, None] * stride_ks + dims[None, :] * stride_kd,
+                    mask=kv_mask, other=0.0).to(DTYPE)
+        v = tl.load(v_base + keys[:, None] * stride_vs + dims[None, :] * stride_vd,
+                    mask=kv_mask, other=0.0).to(DTYPE)
+        if USE_DOT:
+            scores = tl.dot(q, tl.trans(k), input_precision="ieee")
+        else:
+            scores = tl.sum(q[:, None, :] * k[None, :, :], axis=2)
+        visible = key_ok[None, :] & (keys[None, :] <= own_column[:, None])
+        scores = tl.where(visible, scores, float("-inf"))
+
+        new_max = tl.maximum(row_max, tl.max(scores, axis=1))
+        shift = tl.where(new_max == float("-inf"), 0.0, new_max)
+        probs = tl.exp(scores - shift[:, None])
+        rescale = tl.exp(row_max - shift)
+        row_sum = row_sum * rescale + tl.sum(probs, axis=1)
+        if USE_DOT:
+            update = tl.dot(probs.to(DTYPE), v, input_precision="ieee")
+        else:
+            update = tl.sum(probs[:, :, None] * v[None, :, :], axis=1)
+        acc = acc * rescale[:, None] + update
+        row_max = new_max
+
+    seen = row_sum > 0
+    out = acc / tl.where(seen, row_sum, 1.0)[:, None]
+    lse = tl.where(seen, row_max + tl.log(tl.where(seen, row_sum, 1.0)), float("-inf"))
+    tl.store(out_ptr + child * stride_on + head[:, None] * stride_oh
+             + token[:, None] * stride_ot + dims[None, :] * stride_od, out, mask=row_dim_ok)
+    tl.store(lse_ptr + child * stride_ln + head * stride_lh + token * stride_lt, lse,
+             mask=row_ok)
+
+
 def _block_sizes(rows_per_parent: int, head_dim: int, block_m, block_n):
     block_d = max(16, triton.next_power_of_2(head_dim))
     if block_m is None:
@@ -147,6 +234,39 @@ def prefix_attention_forward(query, prefix_keys, prefix_values, prefix_mask, chi
         tokens, length, head_dim, group, scale,
         *query.stride(), *prefix_keys.stride(), *prefix_values.stride(), *prefix_mask.stride(),
         *out.stride(), *lse.stride(),
+        DTYPE=tl.float64 if dtype == torch.float64 else tl.float32,
+        USE_DOT=dtype != torch.float64,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
+        num_warps=4 if block_m * block_d <= 4096 else 8,
+    )
+    return out, lse
+
+
+def suffix_merge_forward(query, suffix_keys, suffix_values, suffix_mask, prefix_out,
+                         prefix_lse, scale: float, block_m: int | None = None,
+                         block_n: int | None = None):
+    """Launch the suffix kernel: each child's queries [N, H, T, D] over its own suffix
+    ``suffix_keys`` / ``suffix_values`` [N, KVH, S, D] (key mask [N, S]; the queries are its
+    last T columns), continuing the prefix's (``prefix_out`` [N, H, T, D], ``prefix_lse``
+    [N, H, T]) from ``prefix_attention_forward``. Returns (out, lse) over [prefix; suffix]
+    in the compute dtype."""
+    n, heads, tokens, head_dim = query.shape
+    kv_heads, length = suffix_keys.shape[1], suffix_keys.shape[2]
+    group = heads // kv_heads
+    dtype = prefix_out.dtype
+    out = torch.zeros(n, heads, tokens, head_dim, dtype=dtype, device=query.device)
+    lse = torch.full((n, heads, tokens), float("-inf"), dtype=dtype, device=query.device)
+    if n * tokens == 0:
+        return out, lse
+    if suffix_mask.dtype == torch.bool:
+        suffix_mask = suffix_mask.to(torch.int8)
+    block_m, block_n, block_d = _block_sizes(tokens * group, head_dim, block_m, block_n)
+    grid = (n, kv_heads, triton.cdiv(tokens * group, block_m))
+    _suffix_merge_kernel[grid](
+        query, suffix_keys, suffix_values, suffix_mask, prefix_out, prefix_lse, out, lse,
+        tokens, length, head_dim, group, scale,
+        *query.stride(), *suffix_keys.stride(), *suffix_values.stride(), *suffix_mask.stride(),
+        *prefix_out.stride(), *prefix_lse.stride(), *out.stride(), *lse.stride(),
         DTYPE=tl.float64 if dtype == torch.float64 else tl.float32,
         USE_DOT=dtype != torch.float64,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,

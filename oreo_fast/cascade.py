@@ -7,9 +7,11 @@ FlashAttention's split-K):
 
     out = (e^lse_p * out_p + e^lse_s * out_s) / (e^lse_p + e^lse_s),
 
-where out_p, lse_p attend to the parent's prefix (read once for all of its children: the
-Triton kernel ``oreo_fast.kernels.cascade_attention`` on CUDA, the grouped matmuls below on
-CPU) and out_s, lse_s to the child's own suffix (causal within the suffix, small).
+where out_p, lse_p attend to the parent's prefix (read once for all of its children) and
+out_s, lse_s to the child's own suffix (causal within the suffix, small). On CUDA two Triton
+kernels (``oreo_fast.kernels.cascade_attention``) do both halves, the suffix kernel going on
+from the prefix's softmax state so that the merge is part of it; on CPU grouped matmuls (or
+PyTorch's fused CPU attention) and ``merge_attention`` below.
 
 Integration with transformers: ``share_prefix`` wraps a parent ``kv.KV`` into a
 ``CascadeKV`` whose cache holds, per layer, the parents' prefix KV [P, KVH, L, D] (the
@@ -171,21 +173,25 @@ def cascade_attention(query, prefix_keys, prefix_values, prefix_mask, groups: Ch
     ``query`` [N, H, T, D]; ``prefix_keys`` / ``prefix_values`` [P, KVH, L, D];
     ``prefix_mask`` [P, L]; ``groups`` maps children to parents; ``suffix_keys`` /
     ``suffix_values`` [N, KVH, S, D] whose last T columns are the queries' own tokens;
-    ``suffix_mask`` [N, S]. ``impl``: "triton" (the kernel for the prefix part; on CPU only
-    under TRITON_INTERPRET=1), "torch", or "auto" (Triton on CUDA). Returns
-    (out [N, H, T, D] in the query's dtype, lse [N, H, T] in float32 / float64).
+    ``suffix_mask`` [N, S]. ``impl``: "triton" (the prefix kernel, then the suffix kernel that
+    continues its softmax; on CPU only under TRITON_INTERPRET=1), "torch", or "auto" (Triton
+    on CUDA). Returns (out [N, H, T, D] in the query's dtype, lse [N, H, T] in float32 /
+    float64).
     """
     _check_shapes(query, prefix_keys, prefix_values, prefix_mask, groups, suffix_keys,
                   suffix_values, suffix_mask)
     if _use_triton(impl, query.device):
-        from oreo_fast.kernels.cascade_attention import prefix_attention_forward
+        from oreo_fast.kernels.cascade_attention import (prefix_attention_forward,
+                                                         suffix_merge_forward)
 
         out_p, lse_p = prefix_attention_forward(query, prefix_keys, prefix_values, prefix_mask,
                                                 groups.child_start, scale,
                                                 max_children=groups.per_parent)
-    else:
-        out_p, lse_p = prefix_attention_torch(query, prefix_keys, prefix_values, prefix_mask,
-                                              groups, scale)
+        out, lse = suffix_merge_forward(query, suffix_keys, suffix_values, suffix_mask, out_p,
+                                        lse_p, scale)
+        return out.to(query.dtype), lse
+    out_p, lse_p = prefix_attention_torch(query, prefix_keys, prefix_values, prefix_mask,
+                                          groups, scale)
     out_s, lse_s = suffix_attention_torch(query, suffix_keys, suffix_values, suffix_mask, scale)
     out, lse = merge_attention(out_p, lse_p, out_s, lse_s)
     return out.to(query.dtype), lse

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import logging
+import statistics
 import time
 
 from oreo_fast.generation import SamplingConfig
@@ -39,13 +40,42 @@ def _final_answer(kind: str, tokenizer):
     return lambda tokens: extract_answer(kind, tokenizer.decode(tokens)) is not None
 
 
+def value_diagnostics(results) -> dict:
+    """How the value model separated what the search compared, from ``SearchResult``s:
+    the spread (max - min) of the values of one parent's distinct unfinished children at one
+    step (median and mean over such groups), against the spread across problems (standard
+    deviation of each problem's mean first-step value); and how many of the kept beams
+    were distinct. A value model that only knows how hard a problem is shows a small
+    within-beam spread next to a large across-problem one."""
+    spreads, first_means, kept, distinct = [], [], 0, 0
+    for res in results:
+        for step, candidates in enumerate(res.candidates_per_step):
+            groups: dict[int, dict[tuple[int, ...], float]] = {}
+            for c in candidates:
+                if not c.finished:
+                    groups.setdefault(c.parent, {})[tuple(c.tokens)] = c.value
+            spreads += [max(g.values()) - min(g.values()) for g in groups.values() if len(g) > 1]
+            if step == 0 and candidates:
+                first_means.append(sum(c.value for c in candidates) / len(candidates))
+        for beams in res.beams_per_step:
+            kept += len(beams)
+            distinct += len({tuple(c.tokens) for c in beams})
+    steps = sum(len(res.beams_per_step) for res in results)
+    return {"sibling_groups": len(spreads),
+            "sibling_value_spread_median": statistics.median(spreads) if spreads else None,
+            "sibling_value_spread_mean": statistics.fmean(spreads) if spreads else None,
+            "across_problems_value_std": statistics.pstdev(first_means) if first_means else None,
+            "beams_kept_per_step": kept / steps if steps else None,
+            "distinct_beams_per_step": distinct / steps if steps else None}
+
+
 def search_accuracy(policy, value, tokenizer, encoded, cfg: SearchConfig,
                     batch_size: int = 16) -> dict:
     """Beam-search accuracy over ``encoded`` (problem, prompt ids) pairs, and the tokens each
     model processed. Problems are batched; each problem's draws depend on its index only."""
     t0 = time.time()
     eos, ends = stop_token_ids(policy, tokenizer), step_end_ids(tokenizer)
-    counts, correct, pool_correct, predictions = TokenCounts(), 0, 0, []
+    counts, correct, pool_correct, predictions, all_results = TokenCounts(), 0, 0, [], []
     kinds = {p.kind for p, _ in encoded}
     for start in range(0, len(encoded), batch_size):
         chunk = encoded[start:start + batch_size]
@@ -54,6 +84,7 @@ def search_accuracy(policy, value, tokenizer, encoded, cfg: SearchConfig,
         results = beam_search(policy, value, [ids for _, ids in chunk], cfg, eos, ends,
                               tokenizer.pad_token_id, is_final=is_final,
                               problem_keys=list(range(start, start + len(chunk))), counts=counts)
+        all_results += results
         for (problem, _), res in zip(chunk, results):
             text = tokenizer.decode(res.tokens, skip_special_tokens=True)
             answer = extract_answer(problem.kind, text)
@@ -70,7 +101,7 @@ def search_accuracy(policy, value, tokenizer, encoded, cfg: SearchConfig,
             "candidates": cfg.candidates,
             "policy_tokens": counts.policy, "value_tokens": counts.value,
             "padded_slots": counts.padded_slots, "seconds": round(time.time() - t0, 2),
-            "predictions": predictions}
+            "value_diagnostics": value_diagnostics(all_results), "predictions": predictions}
 
 
 def best_of_n_accuracy(policy, value, tokenizer, encoded, n: int, sampling: SamplingConfig,
@@ -121,6 +152,7 @@ def demo_beam_search(run_dir, test_file, val_file, sweep_limit: int | None = Non
         res = search_accuracy(policy, value, tokenizer, encoded, cfg, batch_size=50)
         out[name] = res["accuracy"]
         out[f"{name}_pool_accuracy"] = res["pool_accuracy"]
+        out[f"{name}_value_diagnostics"] = res["value_diagnostics"]
         out[f"{name}_tokens"] = {k: res[k] for k in ("policy_tokens", "value_tokens",
                                                      "seconds")}
     sweep_problems = split["test"][:sweep_limit] if sweep_limit else split["test"]

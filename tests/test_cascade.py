@@ -134,6 +134,32 @@ def test_triton_kernel_equals_explicit_attention_float64(children, heads, kv_hea
 
 
 @needs_triton
+@pytest.mark.parametrize("blocks", [(2, 2), (16, 32)], ids=["small-blocks", "default-blocks"])
+def test_triton_suffix_kernel_continues_the_prefix_softmax(blocks):
+    """The suffix kernel starts from the prefix's (out, lse), also where a row saw no prefix
+    key (parent 0 fully masked) or sees no key at all (that parent's child with an empty
+    suffix): against the explicit attention and the torch suffix + merge."""
+    from oreo_fast.cascade import suffix_attention_torch
+    from oreo_fast.kernels.cascade_attention import suffix_merge_forward
+
+    case = list(make_case((2, 3), 4, 2, 3, 5, 20, 5, seed=3))
+    case[3][0] = 0  # parent 0: no visible prefix key
+    case[7][1] = 0  # its second child: empty suffix too, so nothing visible
+    query, pk, pv, pm, parent, sk, sv, sm = case
+    groups = ChildGroups.from_parent(parent, 2)
+    scale = 0.37
+    out_p, lse_p = prefix_attention_torch(query, pk, pv, pm, groups, scale)
+    assert torch.isinf(lse_p[:2]).all()
+    out, lse = suffix_merge_forward(query, sk, sv, sm, out_p, lse_p, scale, *blocks)
+    torch.testing.assert_close(out, explicit_attention(*case, scale), atol=1e-12, rtol=0)
+    ref_out, ref_lse = merge_attention(out_p, lse_p, *suffix_attention_torch(query, sk, sv, sm,
+                                                                             scale))
+    torch.testing.assert_close(out, ref_out, atol=1e-12, rtol=0)
+    torch.testing.assert_close(lse, ref_lse, atol=1e-12, rtol=0)
+    assert torch.isinf(lse[1]).all() and (out[1] == 0).all()
+
+
+@needs_triton
 def test_triton_kernel_float32_dot_path():
     """float32 goes through tl.dot (float64 through a broadcast product): checked against
     the float64 explicit attention within float32 rounding."""

@@ -299,6 +299,45 @@ def test_demo_beam_stage_reports_test_val_and_the_beam_sweep(models, tmp_path):
     assert 0 <= out["test"] <= 1 and 0 <= out["val"] <= 1
     assert out["test_tokens"]["policy_tokens"] > 0 and out["sweep"]["n_problems"] == 1
     assert sorted(out["sweep"]["accuracy_by_beams"]) == sorted(DEMO_SWEEP_BEAMS)
+    assert out["test_value_diagnostics"]["beams_kept_per_step"] > 0
+    assert set(out["val_value_diagnostics"]) == set(out["test_value_diagnostics"])
+
+
+def test_value_diagnostics_spreads_and_distinct_beams():
+    from oreo_fast.search import SearchResult
+    from oreo_fast.search_eval import value_diagnostics
+
+    def cand(parent, tokens, value, finished=False):
+        return Candidate(parent, list(tokens), list(tokens[-1:]), value, finished, finished)
+
+    a, a_copy = cand(0, (1,), 0.5), cand(0, (1,), 0.5)
+    first = [a, cand(0, (2,), 0.2), a_copy, cand(0, (3,), 0.9, finished=True)]
+    second = [cand(0, (1, 4), 0.6), cand(0, (1, 5), 0.61), cand(1, (1, 6), 0.7)]
+    one = SearchResult([1, 5], 0.61, False, [], beams_per_step=[[a, a_copy], [second[1]]],
+                       candidates_per_step=[first, second])
+    x, y = cand(0, (7,), 0.1), cand(0, (8,), 0.1)
+    two = SearchResult([7], 0.1, False, [], beams_per_step=[[x, y]], candidates_per_step=[[x, y]])
+    d = value_diagnostics([one, two])
+    # sibling groups with two distinct unfinished children: 0.5 vs 0.2, 0.6 vs 0.61, 0.1 vs 0.1
+    assert d["sibling_groups"] == 3
+    assert d["sibling_value_spread_median"] == pytest.approx(0.01)
+    assert d["sibling_value_spread_mean"] == pytest.approx((0.3 + 0.01 + 0.0) / 3)
+    # first-step means 0.525 and 0.1 (finished candidates count: they are states too)
+    assert d["across_problems_value_std"] == pytest.approx(0.2125)
+    assert d["beams_kept_per_step"] == pytest.approx(5 / 3)
+    assert d["distinct_beams_per_step"] == pytest.approx(4 / 3)
+
+
+def test_search_report_counts_distinct_beams(models):
+    from oreo_fast.search_eval import value_diagnostics
+
+    for distinct in (True, False):
+        cfg = SearchConfig(beams=3, candidates=3, max_steps=3, max_step_tokens=3,
+                           temperature=0.3, seed=5, distinct=distinct)
+        d = value_diagnostics(_run(beam_search, models, cfg)[0])
+        # the same seed as test_low_temperature_beams_stay_distinct_and_match_naive: copies
+        # of a beam are kept only without the rule
+        assert (d["distinct_beams_per_step"] == d["beams_kept_per_step"]) == distinct
 
 
 def test_reserved_cache_layer_grows_past_its_reserve():
