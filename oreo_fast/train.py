@@ -21,6 +21,7 @@ import json
 import math
 import os
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -131,6 +132,29 @@ def init_process_group_per_attempt(backend: str, timeout: datetime.timedelta) ->
     store = dist.PrefixStore(f"oreo_fast/attempt_{attempt}", store)
     dist.init_process_group(backend, store=store, rank=rank, world_size=world_size,
                             timeout=timeout)
+
+
+def exit_with_launcher(poll_s: float = 0.1) -> None:
+    """Under torchrun, end this worker as soon as its launcher is gone.
+
+    torchrun starts each worker in a session of its own, so killing the launcher (``kill -9``,
+    even of its whole process group) leaves the workers running: they would go on training,
+    saving and pruning checkpoints next to a restarted run that resumes from them. A daemon
+    thread watches the parent pid; once the worker is re-parented it exits at once, which
+    the atomic checkpoint writes make safe at any point.
+    """
+    if "TORCHELASTIC_RUN_ID" not in os.environ:
+        return
+    launcher = os.getppid()
+
+    def watch():
+        while os.getppid() == launcher:
+            time.sleep(poll_s)
+        print(f"oreo-fast train: the launcher (pid {launcher}) is gone; exiting",
+              file=sys.stderr, flush=True)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="oreo-fast-launcher-watch", daemon=True).start()
 
 
 class Trainer:
@@ -594,6 +618,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", help="JSON or TOML file of TrainConfig keys")
     parser.add_argument("overrides", nargs="*", help="key=value overrides of the config")
     args = parser.parse_args(argv)
+    exit_with_launcher()
     try:
         config = load_config(args.config, args.overrides)
         trainer = Trainer(config)

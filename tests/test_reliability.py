@@ -414,6 +414,21 @@ def _torchrun(root, out, *extra, nproc=2):
             *[f"{k}={v}" for k, v in args.items()], *extra]
 
 
+def _processes_with(text: str) -> list[int]:
+    """Pids of live processes whose command line contains ``text`` (zombies have none)."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    command = f.read().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if text in command:
+                pids.append(int(entry))
+    return pids
+
+
 def _env(**extra):
     env = {k: v for k, v in os.environ.items() if not k.startswith("OREO_FAULT_")}
     env.update(PYTHONPATH=str(REPO) + os.pathsep + env.get("PYTHONPATH", ""), OMP_NUM_THREADS="1",
@@ -470,6 +485,13 @@ def test_kill_9_at_a_random_step_then_resume_is_bit_exact(tiny, full_run, tmp_pa
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
     assert proc.returncode == -signal.SIGKILL
+    # torchrun starts its workers in sessions of their own, so the group kill reaches only
+    # the launcher: its workers must end by themselves, not train on (and save, and prune
+    # checkpoints) next to the resumed run
+    deadline = time.time() + 10
+    while _processes_with(f"output_dir={out}") and time.time() < deadline:
+        time.sleep(0.05)
+    assert not _processes_with(f"output_dir={out}"), "workers outlived their launcher"
     assert not (out / "policy").exists() and not (out / "metrics.jsonl").exists()
     resumed = run_process_group(_torchrun(root, out, "save_every=1", "keep_checkpoints=2",
                                        "resume=true"), env=_env(), capture_output=True, text=True,
