@@ -479,7 +479,7 @@ def test_kill_9_at_a_random_step_then_resume_is_bit_exact(tiny, full_run, tmp_pa
             assert time.time() < deadline
             time.sleep(0.02)
         time.sleep(random.uniform(0, 0.5))  # anywhere in the next step or save
-        os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both workers at once
+        os.killpg(proc.pid, signal.SIGKILL)  # the launcher (its workers: below)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
