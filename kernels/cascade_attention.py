@@ -29,6 +29,43 @@ import triton.language as tl
 
 
 @triton.jit
+def _block_scores(q, k, USE_DOT: tl.constexpr):
+    """Scores [M, N] of the (pre-scaled) queries [M, D] against one block of keys [N, D]."""
+    if USE_DOT:
+        scores = tl.dot(q, tl.trans(k), input_precision="ieee")
+    else:  # float64: no tensor-core dot; a broadcast product is exact and fine for tests
+        scores = tl.sum(q[:, None, :] * k[None, :, :], axis=2)
+    return scores
+
+
+@triton.jit
+def _online_softmax_step(row_max, row_sum, acc, scores, v, DTYPE: tl.constexpr,
+                         USE_DOT: tl.constexpr):
+    """Fold one block of (masked: -inf) scores and its values [N, D] into the running max,
+    sum and accumulator of every row."""
+    new_max = tl.maximum(row_max, tl.max(scores, axis=1))
+    # while a row has seen only masked keys, shift by 0 rather than form -inf - -inf
+    shift = tl.where(new_max == float("-inf"), 0.0, new_max)
+    probs = tl.exp(scores - shift[:, None])
+    rescale = tl.exp(row_max - shift)
+    row_sum = row_sum * rescale + tl.sum(probs, axis=1)
+    if USE_DOT:
+        update = tl.dot(probs.to(DTYPE), v, input_precision="ieee")
+    else:
+        update = tl.sum(probs[:, :, None] * v[None, :, :], axis=1)
+    return new_max, row_sum, acc * rescale[:, None] + update
+
+
+@triton.jit
+def _online_softmax_result(row_max, row_sum, acc):
+    """(normalised output, log-sum-exp); a row that saw no key gives 0 and -inf."""
+    seen = row_sum > 0
+    out = acc / tl.where(seen, row_sum, 1.0)[:, None]
+    lse = tl.where(seen, row_max + tl.log(tl.where(seen, row_sum, 1.0)), float("-inf"))
+    return out, lse
+
+
+@triton.jit
 def _prefix_attention_kernel(
     q_ptr, k_ptr, v_ptr, key_ok_ptr, child_start_ptr, out_ptr, lse_ptr,
     T, L, D, G, scale,
@@ -80,28 +117,11 @@ def _prefix_attention_kernel(
                     mask=kv_mask, other=0.0).to(DTYPE)
         v = tl.load(v_base + keys[:, None] * stride_vl + dims[None, :] * stride_vd,
                     mask=kv_mask, other=0.0).to(DTYPE)
-        if USE_DOT:
-            scores = tl.dot(q, tl.trans(k), input_precision="ieee")
-        else:  # float64: no tensor-core dot; a broadcast product is exact and fine for tests
-            scores = tl.sum(q[:, None, :] * k[None, :, :], axis=2)
-        scores = tl.where(key_ok[None, :], scores, float("-inf"))
+        scores = tl.where(key_ok[None, :], _block_scores(q, k, USE_DOT), float("-inf"))
+        row_max, row_sum, acc = _online_softmax_step(row_max, row_sum, acc, scores, v, DTYPE,
+                                                     USE_DOT)
 
-        new_max = tl.maximum(row_max, tl.max(scores, axis=1))
-        # while a row has seen only masked keys, shift by 0 rather than form -inf - -inf
-        shift = tl.where(new_max == float("-inf"), 0.0, new_max)
-        probs = tl.exp(scores - shift[:, None])
-        rescale = tl.exp(row_max - shift)
-        row_sum = row_sum * rescale + tl.sum(probs, axis=1)
-        if USE_DOT:
-            update = tl.dot(probs.to(DTYPE), v, input_precision="ieee")
-        else:
-            update = tl.sum(probs[:, :, None] * v[None, :, :], axis=1)
-        acc = acc * rescale[:, None] + update
-        row_max = new_max
-
-    seen = row_sum > 0
-    out = acc / tl.where(seen, row_sum, 1.0)[:, None]
-    lse = tl.where(seen, row_max + tl.log(tl.where(seen, row_sum, 1.0)), float("-inf"))
+    out, lse = _online_softmax_result(row_max, row_sum, acc)
     o_offsets = (child[:, None] * stride_on + head[:, None] * stride_oh
                  + token[:, None] * stride_ot + dims[None, :] * stride_od)
     tl.store(out_ptr + o_offsets, out, mask=row_ok[:, None] & dim_ok[None, :])
@@ -164,28 +184,12 @@ def _suffix_merge_kernel(
                     mask=kv_mask, other=0.0).to(DTYPE)
         v = tl.load(v_base + keys[:, None] * stride_vs + dims[None, :] * stride_vd,
                     mask=kv_mask, other=0.0).to(DTYPE)
-        if USE_DOT:
-            scores = tl.dot(q, tl.trans(k), input_precision="ieee")
-        else:
-            scores = tl.sum(q[:, None, :] * k[None, :, :], axis=2)
         visible = key_ok[None, :] & (keys[None, :] <= own_column[:, None])
-        scores = tl.where(visible, scores, float("-inf"))
+        scores = tl.where(visible, _block_scores(q, k, USE_DOT), float("-inf"))
+        row_max, row_sum, acc = _online_softmax_step(row_max, row_sum, acc, scores, v, DTYPE,
+                                                     USE_DOT)
 
-        new_max = tl.maximum(row_max, tl.max(scores, axis=1))
-        shift = tl.where(new_max == float("-inf"), 0.0, new_max)
-        probs = tl.exp(scores - shift[:, None])
-        rescale = tl.exp(row_max - shift)
-        row_sum = row_sum * rescale + tl.sum(probs, axis=1)
-        if USE_DOT:
-            update = tl.dot(probs.to(DTYPE), v, input_precision="ieee")
-        else:
-            update = tl.sum(probs[:, :, None] * v[None, :, :], axis=1)
-        acc = acc * rescale[:, None] + update
-        row_max = new_max
-
-    seen = row_sum > 0
-    out = acc / tl.where(seen, row_sum, 1.0)[:, None]
-    lse = tl.where(seen, row_max + tl.log(tl.where(seen, row_sum, 1.0)), float("-inf"))
+    out, lse = _online_softmax_result(row_max, row_sum, acc)
     tl.store(out_ptr + child * stride_on + head[:, None] * stride_oh
              + token[:, None] * stride_ot + dims[None, :] * stride_od, out, mask=row_dim_ok)
     tl.store(lse_ptr + child * stride_ln + head * stride_lh + token * stride_lt, lse,
