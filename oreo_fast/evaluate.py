@@ -57,10 +57,9 @@ class EvalConfig:
             raise ValueError("beams and best_of must be >= 0")
         if self.beams and self.candidates < 1:
             raise ValueError(f"candidates must be >= 1, got {self.candidates}")
-        from oreo_fast.search import KV_SHARING
+        from oreo_fast.search import check_kv_sharing
 
-        if self.kv_sharing not in KV_SHARING:
-            raise ValueError(f"kv_sharing must be one of {KV_SHARING}, got {self.kv_sharing!r}")
+        check_kv_sharing(self.kv_sharing)
         if (self.beams or self.best_of) and not self.value:
             raise ValueError("--beams and --best-of need --value (a value model folder)")
 

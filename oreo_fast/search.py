@@ -41,6 +41,11 @@ from oreo_fast.kv import expand_rows, gather_compact, prefill
 KV_SHARING = ("cascade", "copy")
 
 
+def check_kv_sharing(kv_sharing: str) -> None:
+    if kv_sharing not in KV_SHARING:
+        raise ValueError(f"kv_sharing must be one of {KV_SHARING}, got {kv_sharing!r}")
+
+
 @dataclass
 class SearchConfig:
     beams: int = 4  # B: beams kept per problem
@@ -67,8 +72,7 @@ class SearchConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
             raise ValueError("temperature must be >= 0, top_p in (0, 1], top_k >= 0")
-        if self.kv_sharing not in KV_SHARING:
-            raise ValueError(f"kv_sharing must be one of {KV_SHARING}, got {self.kv_sharing!r}")
+        check_kv_sharing(self.kv_sharing)
         if self.attention_impl not in IMPLS:
             raise ValueError(f"attention_impl must be one of {IMPLS}, got "
                              f"{self.attention_impl!r}")
@@ -348,8 +352,7 @@ def best_of_n(policy, value_model, prompts: list[list[int]], n: int, sampling, e
 
     if n < 1:
         raise ValueError(f"best-of-N needs N >= 1, got {n}")
-    if kv_sharing not in KV_SHARING:
-        raise ValueError(f"kv_sharing must be one of {KV_SHARING}, got {kv_sharing!r}")
+    check_kv_sharing(kv_sharing)
     check_models(policy, value_model)
     device = next(policy.parameters()).device
     gen = torch.Generator(device=device).manual_seed(seed)

@@ -47,7 +47,7 @@ def value_diagnostics(results) -> dict:
     deviation of each problem's mean first-step value); and how many of the kept beams
     were distinct. A value model that only knows how hard a problem is shows a small
     within-beam spread next to a large across-problem one."""
-    spreads, first_means, kept, distinct = [], [], 0, 0
+    spreads, first_means, steps, kept, distinct = [], [], 0, 0, 0
     for res in results:
         for step, candidates in enumerate(res.candidates_per_step):
             groups: dict[int, dict[tuple[int, ...], float]] = {}
@@ -58,9 +58,9 @@ def value_diagnostics(results) -> dict:
             if step == 0 and candidates:
                 first_means.append(sum(c.value for c in candidates) / len(candidates))
         for beams in res.beams_per_step:
+            steps += 1
             kept += len(beams)
             distinct += len({tuple(c.tokens) for c in beams})
-    steps = sum(len(res.beams_per_step) for res in results)
     return {"sibling_groups": len(spreads),
             "sibling_value_spread_median": statistics.median(spreads) if spreads else None,
             "sibling_value_spread_mean": statistics.fmean(spreads) if spreads else None,
