@@ -57,6 +57,23 @@ def _online_softmax_step(row_max, row_sum, acc, scores, v, DTYPE: tl.constexpr,
 
 
 @triton.jit
+def _load_key_block(k_base, v_base, mask_base, start, n_keys, stride_m, stride_kl, stride_kd,
+                    stride_vl, stride_vd, dims, dim_ok, DTYPE: tl.constexpr,
+                    BLOCK_N: tl.constexpr):
+    """Keys ``start .. start + BLOCK_N`` of one KV row: (their indices, which are real keys,
+    K and V blocks); keys at or past ``n_keys`` read as masked zeros."""
+    keys = start + tl.arange(0, BLOCK_N).to(tl.int64)
+    key_in = keys < n_keys
+    key_ok = tl.load(mask_base + keys * stride_m, mask=key_in, other=0) != 0
+    kv_mask = key_in[:, None] & dim_ok[None, :]
+    k = tl.load(k_base + keys[:, None] * stride_kl + dims[None, :] * stride_kd,
+                mask=kv_mask, other=0.0).to(DTYPE)
+    v = tl.load(v_base + keys[:, None] * stride_vl + dims[None, :] * stride_vd,
+                mask=kv_mask, other=0.0).to(DTYPE)
+    return keys, key_ok, k, v
+
+
+@triton.jit
 def _online_softmax_result(row_max, row_sum, acc):
     """(normalised output, log-sum-exp); a row that saw no key gives 0 and -inf."""
     seen = row_sum > 0
@@ -109,14 +126,9 @@ def _prefix_attention_kernel(
     # a block past this parent's rows reads nothing (parents may have fewer children)
     n_keys = tl.where(row_block * BLOCK_M < n_rows, L, 0)
     for start in range(0, n_keys, BLOCK_N):
-        keys = start + tl.arange(0, BLOCK_N).to(tl.int64)
-        key_in = keys < L
-        key_ok = tl.load(mask_base + keys * stride_ml, mask=key_in, other=0) != 0
-        kv_mask = key_in[:, None] & dim_ok[None, :]
-        k = tl.load(k_base + keys[:, None] * stride_kl + dims[None, :] * stride_kd,
-                    mask=kv_mask, other=0.0).to(DTYPE)
-        v = tl.load(v_base + keys[:, None] * stride_vl + dims[None, :] * stride_vd,
-                    mask=kv_mask, other=0.0).to(DTYPE)
+        _, key_ok, k, v = _load_key_block(k_base, v_base, mask_base, start, L, stride_ml,
+                                          stride_kl, stride_kd, stride_vl, stride_vd, dims,
+                                          dim_ok, DTYPE, BLOCK_N)
         scores = tl.where(key_ok[None, :], _block_scores(q, k, USE_DOT), float("-inf"))
         row_max, row_sum, acc = _online_softmax_step(row_max, row_sum, acc, scores, v, DTYPE,
                                                      USE_DOT)
@@ -173,17 +185,12 @@ def _suffix_merge_kernel(
 
     k_base = k_ptr + child * stride_kn + kv_head * stride_kh
     v_base = v_ptr + child * stride_vn + kv_head * stride_vh
+    mask_base = key_ok_ptr + child * stride_mn
     own_column = S - T + token  # causal: a token sees its suffix up to itself
     for start in range(0, S, BLOCK_N):
-        keys = start + tl.arange(0, BLOCK_N).to(tl.int64)
-        key_in = keys < S
-        key_ok = tl.load(key_ok_ptr + child * stride_mn + keys * stride_ms, mask=key_in,
-                         other=0) != 0
-        kv_mask = key_in[:, None] & dim_ok[None, :]
-        k = tl.load(k_base + keys[:, None] * stride_ks + dims[None, :] * stride_kd,
-                    mask=kv_mask, other=0.0).to(DTYPE)
-        v = tl.load(v_base + keys[:, None] * stride_vs + dims[None, :] * stride_vd,
-                    mask=kv_mask, other=0.0).to(DTYPE)
+        keys, key_ok, k, v = _load_key_block(k_base, v_base, mask_base, start, S, stride_ms,
+                                             stride_ks, stride_kd, stride_vs, stride_vd, dims,
+                                             dim_ok, DTYPE, BLOCK_N)
         visible = key_ok[None, :] & (keys[None, :] <= own_column[:, None])
         scores = tl.where(visible, _block_scores(q, k, USE_DOT), float("-inf"))
         row_max, row_sum, acc = _online_softmax_step(row_max, row_sum, acc, scores, v, DTYPE,
