@@ -26,7 +26,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from oreo_fast import ops, reference
+from oreo_fast import ops
+from oreo_fast.ops import reference
 
 KL_WEIGHT = 0.05  # g2: any constant works; small like a real kl_coef / tokens-per-sequence
 SEED = 1234
@@ -382,7 +383,7 @@ def tolerances(dtype: torch.dtype) -> dict:
 
 
 def reference_results(inputs: dict, level: str) -> dict:
-    """oreo_fast.reference.token_logprobs_and_kl on the same inputs, and the loss's gradients."""
+    """oreo_fast.ops.reference.token_logprobs_and_kl on the same inputs, and the loss's gradients."""
     x = inputs
     clear_grads(x)
     if level == "hidden":

@@ -1,7 +1,7 @@
-"""Beam-search benchmark: the cached searcher (``oreo_fast.search.beam_search``) with its two
+"""Beam-search benchmark: the cached searcher (``oreo_fast.search.beam.beam_search``) with its two
 ways of sharing a parent's KV with its children -- ``cascade`` (the prefix read in place, merged
 with each child's own step by log-sum-exp) and ``copy`` (``kv.expand_rows``: one prefix copy per
-child) -- against the naive re-encoding one (``oreo_fast.search_reference``), same random-weight
+child) -- against the naive re-encoding one (``oreo_fast.search.naive``), same random-weight
 models, prompts and seed: tokens processed by each model (counted by the searchers), wall
 time, peak memory.
 
@@ -96,21 +96,21 @@ def _kv_bytes(kv) -> int:
 def child_kv_recorder():
     """Records the bytes of KV allocated for the children at each step of beam_search (both
     models): the memory that copy-free sharing saves, independent of the allocator."""
-    from oreo_fast import search
+    from oreo_fast.search import beam as search
 
     record = {"per_step_mib": [], "total_mib": 0.0}
-    original = search._children_kv
+    original = search.children_kv
 
     def recording(*args, **kwargs):
         kv = original(*args, **kwargs)
         record["per_step_mib"].append(_kv_bytes(kv) / 2**20)
         return kv
 
-    search._children_kv = recording
+    search.children_kv = recording
     try:
         yield record
     finally:
-        search._children_kv = original
+        search.children_kv = original
         record["total_mib"] = sum(record["per_step_mib"])
         # the policy's and the value model's children at the same step are alive together
         pairs = record["per_step_mib"]
@@ -120,8 +120,8 @@ def child_kv_recorder():
 
 def run(searcher: str, policy, value, prompts, shape: SearchShape, b: int, k: int):
     """One search; returns (results, TokenCounts, child KV record)."""
-    from oreo_fast.search import SearchConfig, TokenCounts, beam_search
-    from oreo_fast.search_reference import naive_beam_search
+    from oreo_fast.search.beam import SearchConfig, TokenCounts, beam_search
+    from oreo_fast.search.naive import naive_beam_search
 
     if searcher not in SEARCHERS:
         raise ValueError(f"searcher must be one of {SEARCHERS}, got {searcher!r}")

@@ -1,6 +1,6 @@
 """Forward+backward time (pytest-benchmark, in this process) and extra peak memory (a fresh
 subprocess per provider, benchmarks/runner.py) of every provider, after checking once, outside
-the timed region, that its values and gradients match oreo_fast.reference."""
+the timed region, that its values and gradients match oreo_fast.ops.reference."""
 from __future__ import annotations
 
 import gc

@@ -1,12 +1,12 @@
 """Trainer-step benchmark: our OREO micro-step against a "paper-equivalent" step on the same
 models and batch (shapes, model building, the two steps, the correctness check, the JSON).
 
-Both steps compute the same OREO loss (oreo_fast.reference.bellman_losses, token level, full-
+Both steps compute the same OREO loss (oreo_fast.ops.reference.bellman_losses, token level, full-
 vocabulary KL) on the same batch and end with one ``loss.backward()`` into the policy and the
 value model (no optimizer step: it is the same for both):
 
-- ``ours``: ``oreo_fast.train.Trainer._micro_step`` itself (called on a stand-in holding the
-  trainer's wrapped modules): policy decoder once with gradient -> hidden states -> the fused
+- ``ours``: the trainer's own micro-step, ``oreo_fast.train.step.OreoStep``, built on the
+  benchmark's models: policy decoder once with gradient -> hidden states -> the fused
   hidden-level op (policy LM head, the reference's no-grad hidden states and LM head); value
   forward; ``bellman_losses``. Logits are never materialised.
 - ``paper``: what the authors' recipe does: policy forward with gradient producing the full
@@ -26,22 +26,22 @@ import dataclasses
 import datetime
 import json
 import os
-import types
 from pathlib import Path
 
 import torch
 
 from benchmarks import report as ops_report
 from benchmarks.providers import bench_device, configure_threads  # noqa: F401 (re-exported)
-from oreo_fast import reference
-from oreo_fast.config import load_config
-from oreo_fast.data import Example, collate
 from oreo_fast.models import ValueModel
-from oreo_fast.train import HiddenStates, PolicyWithLoss, Trainer, Values
+from oreo_fast.ops import reference
+from oreo_fast.train.config import load_train_config
+from oreo_fast.train.data import Example, collate_examples
+from oreo_fast.train.parallelize import HiddenStates, PolicyWithLoss, Values
+from oreo_fast.train.step import OreoStep
 
 PROVIDERS = ("ours", "paper")
 LABELS = {
-    "ours": "oreo_fast Trainer._micro_step: one policy forward, fused hidden-level loss",
+    "ours": "oreo_fast OreoStep (the trainer's micro-step): one policy forward, fused hidden-level loss",
     "paper": "paper-equivalent: two policy forwards, materialised logits, float32 log_softmax, "
              "full-vocab KL",
 }
@@ -148,7 +148,7 @@ def synchronize(device: torch.device):
 class Setup:
     shape: ModelShape
     device: torch.device
-    trainer: types.SimpleNamespace  # what Trainer._micro_step reads: config, device, oreo, modules
+    step: OreoStep  # the trainer's micro-step on these models
     policy: PolicyWithLoss
     reference: HiddenStates
     value: Values
@@ -212,19 +212,19 @@ def make_batch(shape: ModelShape, batch: int | None = None, seq: int | None = No
         is_action = [i >= prompt for i in range(L)]
         starts = [i >= prompt and (i - prompt) % STEP_TOKENS == 0 for i in range(L)]
         examples.append(Example(ids[b].tolist(), is_action, starts, float(b % 2)))
-    return collate(examples, pad_id=1, level=level)
+    return collate_examples(examples, pad_id=1, level=level)
 
 
 def build_setup(shape: ModelShape, device: torch.device, checkpointing: bool | None = None) -> Setup:
     checkpointing = gradient_checkpointing() if checkpointing is None else checkpointing
     policy, ref, value = _build_models(shape, device, checkpointing)
-    config = load_config(None, ["policy=unused", "train_file=unused", f"beta={BETA}",
-                                f"kl_coef={KL_COEF}", "kl_estimator=full", "level=token",
-                                "impl=auto"])
-    trainer = types.SimpleNamespace(config=config, device=device, oreo=True, policy=policy,
-                                    reference=ref, value=value)
+    config = load_train_config(None, ["policy=unused", "train_file=unused", f"beta={BETA}",
+                                      f"kl_coef={KL_COEF}", "kl_estimator=full", "level=token",
+                                      "impl=auto"])
+    step = OreoStep(config, policy.model, ref.model, value.value_model)
     batch = {k: v.to(device) for k, v in make_batch(shape).items()}
-    return Setup(shape, device, trainer, policy, ref, value, batch, checkpointing)
+    return Setup(shape, device, step, step.policy, step.reference, step.value, batch,
+                 checkpointing)
 
 
 # ---------------------------------------------------------------- the two steps
@@ -233,7 +233,7 @@ def build_setup(shape: ModelShape, device: torch.device, checkpointing: bool | N
 def ours_loss(setup: Setup, batch: dict):
     """The trainer's own micro-step (forward and loss), unmodified."""
     num_sequences = batch["input_ids"].shape[0]
-    loss, metrics = Trainer._micro_step(setup.trainer, batch, num_sequences)
+    loss, metrics = setup.step(batch, num_sequences)
     return loss, {k: metrics[k] for k in ("loss", "value_loss", "policy_loss")}
 
 

@@ -10,93 +10,58 @@ import argparse
 import json
 import logging
 import sys
-from dataclasses import MISSING, fields
 
-from oreo_fast.jsonl import DataError
-
-
-def _add_config_args(parser: argparse.ArgumentParser, config_cls, skip=(), helps=None):
-    """One ``--flag`` per dataclass field (underscores become dashes), typed by its annotation;
-    fields without a default are required."""
-    helps = helps or {}
-    for f in fields(config_cls):
-        if f.name in skip:
-            continue
-        flag = "--" + f.name.replace("_", "-")
-        kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
-        text = helps.get(f.name, "")
-        if f.default is MISSING:
-            parser.add_argument(flag, dest=f.name, required=True, help=text)
-        elif isinstance(f.default, bool):
-            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
-                                default=f.default, help=text)
-        elif isinstance(f.default, tuple):
-            parser.add_argument(flag, dest=f.name, nargs="+", default=list(f.default),
-                                help=f"{text} (default: {' '.join(map(str, f.default))})".strip())
-        else:
-            typ = float if "float" in kind else int if "int" in kind else str
-            parser.add_argument(flag, dest=f.name, type=typ, default=f.default,
-                                help=f"{text} (default: {f.default})".strip())
-
-
-def _config_from(args, config_cls, **extra):
-    values = {f.name: getattr(args, f.name) for f in fields(config_cls) if hasattr(args, f.name)}
-    values.update(extra)
-    for f in fields(config_cls):
-        if isinstance(f.default, tuple) and isinstance(values.get(f.name), list):
-            values[f.name] = tuple(values[f.name])
-    return config_cls(**values)
+from oreo_fast.config import add_config_flags, config_from_args
+from oreo_fast.errors import USER_ERRORS
 
 
 def cmd_task(args):
-    from oreo_fast.embedded import write_task
+    from oreo_fast.pipeline.embedded import write_task
     from oreo_fast.tasks.arithmetic import ArithmeticConfig
 
-    paths = write_task(args.out, _config_from(args, ArithmeticConfig))
+    paths = write_task(args.out, config_from_args(args, ArithmeticConfig))
     print(json.dumps({k: str(v) for k, v in paths.items()}))
 
 
 def cmd_init(args):
-    from oreo_fast.embedded import EmbeddedConfig, build_default
     from oreo_fast.models import TinyModelConfig
+    from oreo_fast.pipeline.embedded import EmbeddedConfig, build_default
     from oreo_fast.tasks.arithmetic import ArithmeticConfig
 
-    cfg = EmbeddedConfig(out=args.out, task=_config_from(args, ArithmeticConfig),
-                         model=_config_from(args, TinyModelConfig, seed=args.seed),
-                         vocab_size=args.vocab_size)
+    cfg = config_from_args(args, EmbeddedConfig, task=config_from_args(args, ArithmeticConfig),
+                           model=config_from_args(args, TinyModelConfig, seed=args.seed))
     paths = build_default(cfg)
     print(json.dumps({k: str(v) for k, v in paths.items()}))
 
 
 def cmd_sft(args):
-    from oreo_fast.sft import SFTConfig, run_sft
+    from oreo_fast.pipeline.sft import SFTConfig, run_sft
 
-    print(run_sft(_config_from(args, SFTConfig)))
+    print(run_sft(config_from_args(args, SFTConfig)))
 
 
 def cmd_sample(args):
-    from oreo_fast.sample import SampleConfig, run_sample
+    from oreo_fast.pipeline.sample import SampleConfig, run_sample
 
-    print(run_sample(_config_from(args, SampleConfig)))
+    print(run_sample(config_from_args(args, SampleConfig)))
 
 
 def cmd_eval(args):
-    from oreo_fast.evaluate import EvalConfig, run_eval
+    from oreo_fast.pipeline.evaluate import EvalConfig, run_eval
 
-    try:
-        config = _config_from(args, EvalConfig)
-    except ValueError as e:  # bad search arguments: a message, not a traceback
-        raise DataError(str(e)) from None
+    config = config_from_args(args, EvalConfig)
     report = run_eval(config)
     print(json.dumps({k: v for k, v in report.items() if k != "config"}, indent=2))
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from oreo_fast.evaluate import EvalConfig
-    from oreo_fast.iterate import IterateConfig
     from oreo_fast.models import TinyModelConfig
-    from oreo_fast.sample import SampleConfig
-    from oreo_fast.sft import SFTConfig
+    from oreo_fast.pipeline.demo import DemoConfig
+    from oreo_fast.pipeline.embedded import EmbeddedConfig
+    from oreo_fast.pipeline.evaluate import EvalConfig
+    from oreo_fast.pipeline.iterate import IterateConfig
+    from oreo_fast.pipeline.sample import SampleConfig
+    from oreo_fast.pipeline.sft import SFTConfig
     from oreo_fast.tasks.arithmetic import ArithmeticConfig
 
     parser = argparse.ArgumentParser(
@@ -112,50 +77,33 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Write OUT/train.jsonl and OUT/test.jsonl: the synthetic "
                        "multi-step arithmetic task, in GSM8K's JSONL shape.")
     p.add_argument("--out", required=True, help="folder to write train.jsonl and test.jsonl to")
-    _add_config_args(p, ArithmeticConfig)
+    add_config_flags(p, ArithmeticConfig)
     p.set_defaults(func=cmd_task)
 
     p = sub.add_parser("init", help="build the embedded default: problems, tokenizer, tiny model",
                        description="Build the embedded default under OUT: train.jsonl, "
                        "test.jsonl, tokenizer/ and model/ (a random-init tiny Qwen2).")
-    p.add_argument("--out", required=True, help="folder to build into")
-    p.add_argument("--vocab-size", type=int, default=384, help="BPE vocabulary size (default: 384)")
-    _add_config_args(p, ArithmeticConfig)
-    _add_config_args(p, TinyModelConfig, skip=("seed",))
+    add_config_flags(p, EmbeddedConfig, skip=("task", "model"))
+    add_config_flags(p, ArithmeticConfig)
+    add_config_flags(p, TinyModelConfig, skip=("seed",))
     p.set_defaults(func=cmd_init)
 
     p = sub.add_parser("sft", help="supervised fine-tuning on gold solutions",
                        description="Cross-entropy on response tokens of prompt + gold "
                        "solution; writes a checkpoint folder with sft_log.json.")
-    _add_config_args(p, SFTConfig, helps={"model": "checkpoint folder to start from",
-                                          "train": "problem JSONL", "out": "folder to write"})
+    add_config_flags(p, SFTConfig)
     p.set_defaults(func=cmd_sft)
 
     p = sub.add_parser("sample", help="sample K verified responses per problem (trajectories)",
                        description="Sample K responses per problem with a KV cache, verify "
                        "them and write {prompt, response, reward, problem_id} JSONL.")
-    _add_config_args(p, SampleConfig, helps={"model": "policy checkpoint folder",
-                                             "problems": "problem JSONL",
-                                             "out": "trajectory JSONL to write",
-                                             "balance": "at most N positive and N negative "
-                                                        "per problem"})
+    add_config_flags(p, SampleConfig)
     p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("eval", help="greedy and n-sample accuracy, as a JSON report",
                        description="Greedy accuracy and, with --n-samples, sample accuracy, "
                        "pass@n and majority@n; writes a JSON report.")
-    _add_config_args(p, EvalConfig, helps={"model": "policy checkpoint folder",
-                                           "problems": "problem JSONL",
-                                           "out": "JSON report to write",
-                                           "predictions": "also write greedy responses here",
-                                           "value": "value model folder for --beams / --best-of",
-                                           "beams": "value-guided beam search with B beams",
-                                           "candidates": "K sampled next steps per beam",
-                                           "distinct_beams": "identical candidates take one "
-                                                             "beam place",
-                                           "kv_sharing": "beam children's KV: cascade (read "
-                                                         "in place) or copy",
-                                           "best_of": "best-of-N samples picked by value"})
+    add_config_flags(p, EvalConfig)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("train", help="OREO or RFT training (the same as python -m oreo_fast.train)",
@@ -167,41 +115,35 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("iterate", help="iterative OREO: rounds of sample -> train",
                        description="Rounds of sampling from the current policy and OREO "
                        "training from it; key=value after -- go to the trainer.")
-    _add_config_args(p, IterateConfig, skip=("train_overrides",),
-                     helps={"policy": "starting policy folder", "problems": "problem JSONL",
-                            "out": "folder for the rounds"})
+    add_config_flags(p, IterateConfig, skip=("train_overrides",))
     p.add_argument("train_overrides", nargs="*", help="key=value overrides for the trainer")
     p.set_defaults(func=cmd_iterate)
 
     p = sub.add_parser("demo", help="the paper's comparison on the embedded default (make demo)",
                        description="Embedded default -> SFT -> sampling -> RFT and OREO -> "
                        "held-out accuracy table, results.json and a bar chart.")
-    p.add_argument("--out", default="runs/demo", help="output folder (default: runs/demo)")
-    p.add_argument("--nproc", type=int, default=2, help="OREO training processes (default: 2)")
-    p.add_argument("--samples-per-problem", type=int, default=8)
-    p.add_argument("--reuse", action="store_true", help="keep finished stages found in --out")
+    add_config_flags(p, DemoConfig, skip=("threads", "oreo_overrides", "rft_overrides"))
     p.set_defaults(func=cmd_demo)
     return parser
 
 
 def cmd_train(args):
-    from oreo_fast.train import main as train_main
+    from oreo_fast.train.trainer import main as train_main
 
     train_main(args.rest)
 
 
 def cmd_iterate(args):
-    from oreo_fast.iterate import IterateConfig, run_iterate
+    from oreo_fast.pipeline.iterate import IterateConfig, run_iterate
 
-    values = {f.name: getattr(args, f.name) for f in fields(IterateConfig)}
-    print(json.dumps(run_iterate(IterateConfig(**values))["rounds"], indent=2))
+    config = config_from_args(args, IterateConfig, train_overrides=args.train_overrides)
+    print(json.dumps(run_iterate(config)["rounds"], indent=2))
 
 
 def cmd_demo(args):
-    from oreo_fast.demo import DemoConfig, run_demo
+    from oreo_fast.pipeline.demo import DemoConfig, run_demo
 
-    run_demo(DemoConfig(out=args.out, nproc=args.nproc, reuse=args.reuse, threads=args.threads or 1,
-                        samples_per_problem=args.samples_per_problem))
+    run_demo(config_from_args(args, DemoConfig, threads=args.threads or 1))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -220,12 +162,9 @@ def main(argv: list[str] | None = None) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-    from oreo_fast.config import ConfigError
-    from oreo_fast.faults import NonFiniteError
-
     try:
         args.func(args)
-    except (DataError, ConfigError, NonFiniteError) as e:
+    except USER_ERRORS as e:
         print(f"oreo-fast: error: {e}", file=sys.stderr)
         return 2
     return 0

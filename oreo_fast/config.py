@@ -1,123 +1,75 @@
-"""Typed training configuration: a dataclass, loaded from a JSON or TOML file, overridden by
-``key=value`` arguments, validated (unknown keys and wrong types rejected), saved resolved."""
+"""One config contract for every job: typed dataclasses that validate in ``__post_init__``
+and raise :class:`~oreo_fast.errors.ConfigError` naming the key; built from a JSON/TOML file
+and ``key=value`` overrides (``load_config``) or from command-line flags (``add_config_flags``
+and ``config_from_args``), both converting strings through the fields' real annotations
+(``coerce``). A field's meaning is written once, as the comment beside the field; the flags'
+help text is read from there (``field_docs``).
+"""
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import functools
+import inspect
+import io as _text_io
 import json
 import math
 import os
+import tokenize
 import tomllib
+import types
 import typing
-from dataclasses import dataclass, field
 from pathlib import Path
 
-from oreo_fast.reference import KL_ESTIMATORS, LEVELS
+from oreo_fast.errors import ConfigError
+from oreo_fast.io import write_json
+
+# ------------------------------------------------------------------ validation helpers
 
 
-class ConfigError(ValueError):
-    """A configuration problem, naming the key (and the file) at fault."""
+def reject(config, key: str, why: str):
+    """Raise the :class:`ConfigError` of ``key``: its name, why, and the value found."""
+    raise ConfigError(f"{key}: {why} (got {getattr(config, key)!r})")
 
 
-@dataclass
-class TrainConfig:
-    # models and data
-    policy: str = ""  # HF checkpoint folder: the starting policy (the SFT model)
-    reference: str = ""  # frozen reference; empty = the policy folder
-    value: str = ""  # value model init: a saved value model or any causal LM; empty = policy
-    train_file: str = ""  # trajectories JSONL: {"prompt", "response" | "turns", "reward"}
-    output_dir: str = "runs/oreo"
-    max_length: int = 1024  # prompt + response + EOS, in tokens
-    step_delimiters: list[str] = field(default_factory=lambda: ["\n"])
-    strict: bool = False  # over-long prompts: error instead of a counted warning
-
-    # objective
-    algorithm: str = "oreo"  # "oreo" or "rft" (SFT on the reward-1 trajectories)
-    level: str = "token"
-    beta: float = 0.03
-    kl_coef: float = 0.01
-    kl_estimator: str = "full"
-
-    # optimisation
-    epochs: int = 1
-    max_steps: int = 0  # stop after this many optimizer steps (0: all); the schedule spans all
-    global_batch_size: int = 128  # sequences per optimizer step, over all ranks
-    micro_batch_size: int = 8  # sequences per forward on one rank
-    policy_lr: float = 5e-6
-    value_lr: float = 5e-6
-    weight_decay: float = 0.0
-    adam_betas: tuple[float, float] = (0.9, 0.95)
-    warmup_ratio: float = 0.03
-    min_lr_ratio: float = 0.0  # cosine decays to lr * min_lr_ratio
-    grad_clip: float = 1.0
-    seed: int = 0
-
-    # runtime
-    threads: int = 0  # torch CPU threads per process (0: torch's default, or OMP_NUM_THREADS)
-    dtype: str = "auto"  # "auto": bf16 compute with fp32 master weights on CUDA, fp32 on CPU
-    impl: str = "auto"  # loss implementation (see oreo_fast.ops)
-    gradient_checkpointing: bool = False
-    liger: bool = False  # Liger-Kernel patches (RMSNorm, RoPE, SwiGLU) when installed
-    attn_implementation: str = "auto"  # "auto": flash_attention_2 when installed, else sdpa
-    log_every: int = 1
-    save_every: int = 0  # optimizer steps between checkpoints (output_dir/checkpoints); 0 = none
-    keep_checkpoints: int = 2  # the newest N checkpoints are kept
-    resume: bool = False  # continue from the newest complete checkpoint in output_dir
-    max_bad_steps: int = 5  # stop after this many consecutive steps with NaN/Inf loss or grads
-    collective_timeout_s: float = 600.0  # a dead or stuck rank fails the others after this
-    progress: bool = True
-    tensorboard: bool = False
-    wandb: bool = False
-    trust_remote_code: bool = False
-
-    def validate(self) -> "TrainConfig":
-        def bad(key, why):
-            raise ConfigError(f"{key}: {why} (got {getattr(self, key)!r})")
-
-        for key in ("policy", "train_file"):
-            if not getattr(self, key):
-                bad(key, "is required")
-        if self.algorithm not in ("oreo", "rft"):
-            bad("algorithm", "must be 'oreo' or 'rft'")
-        if self.level not in LEVELS:
-            bad("level", f"must be one of {LEVELS}")
-        if self.kl_estimator not in KL_ESTIMATORS:
-            bad("kl_estimator", f"must be one of {KL_ESTIMATORS}")
-        for key in ("beta", "kl_coef", "weight_decay", "grad_clip", "min_lr_ratio"):
-            value = getattr(self, key)
-            if not math.isfinite(value) or value < 0:
-                bad(key, "must be a finite number >= 0")
-        for key in ("policy_lr", "value_lr"):
-            if not math.isfinite(getattr(self, key)) or getattr(self, key) <= 0:
-                bad(key, "must be > 0")
-        for key in ("epochs", "global_batch_size", "micro_batch_size", "log_every"):
-            if getattr(self, key) < 1:
-                bad(key, "must be >= 1")
-        if self.max_length < 2:
-            bad("max_length", "must be >= 2")
-        if self.threads < 0:
-            bad("threads", "must be >= 0")
-        if self.max_steps < 0:
-            bad("max_steps", "must be >= 0")
-        if self.save_every < 0:
-            bad("save_every", "must be >= 0")
-        if self.max_bad_steps < 1:
-            bad("max_bad_steps", "must be >= 1")
-        if not math.isfinite(self.collective_timeout_s) or self.collective_timeout_s <= 0:
-            bad("collective_timeout_s", "must be a finite number > 0")
-        if self.keep_checkpoints < 1:
-            bad("keep_checkpoints", "must be >= 1")
-        if not 0 <= self.warmup_ratio < 1:
-            bad("warmup_ratio", "must be in [0, 1)")
-        if not all(0 <= b < 1 for b in self.adam_betas):
-            bad("adam_betas", "must be two numbers in [0, 1)")
-        if self.dtype not in ("auto", "float32", "bfloat16"):
-            bad("dtype", "must be auto, float32 or bfloat16")
-        if not self.step_delimiters or not all(self.step_delimiters):
-            bad("step_delimiters", "must be a non-empty list of non-empty strings")
-        return self
+def require_at_least(config, minimum, *keys: str) -> None:
+    for key in keys:
+        value = getattr(config, key)
+        if value is not None and not value >= minimum:
+            reject(config, key, f"must be >= {minimum}")
 
 
-def _coerce(value, annotation, key: str):
+def require_finite(config, *keys: str, minimum: float | None = None,
+                   positive: bool = False) -> None:
+    """Each key a finite number, ``> 0`` when ``positive``, ``>= minimum`` when given."""
+    for key in keys:
+        value = getattr(config, key)
+        if not isinstance(value, (int, float)) or not math.isfinite(value):
+            reject(config, key, "must be a finite number")
+        if positive and value <= 0:
+            reject(config, key, "must be > 0")
+        if minimum is not None and value < minimum:
+            reject(config, key, f"must be a finite number >= {minimum}")
+
+
+def require_choice(config, key: str, choices) -> None:
+    if getattr(config, key) not in choices:
+        reject(config, key, f"must be one of {tuple(choices)}")
+
+
+# ------------------------------------------------------------------ types
+
+
+def _optional_inner(annotation):
+    """``X`` for ``X | None`` (None for any other annotation)."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if len(args) == 1 and type(None) in typing.get_args(annotation):
+            return args[0]
+    return None
+
+
+def coerce(value, annotation, key: str):
     """Convert a parsed value (or a key=value string) to the field's type, strictly."""
     origin = typing.get_origin(annotation)
     if origin in (list, tuple):
@@ -129,8 +81,8 @@ def _coerce(value, annotation, key: str):
         if origin is tuple:
             if len(value) != len(args):
                 raise ConfigError(f"{key}: expected {len(args)} values, got {value!r}")
-            return tuple(_coerce(v, a, key) for v, a in zip(value, args))
-        return [_coerce(v, args[0], key) for v in value]
+            return tuple(coerce(v, a, key) for v, a in zip(value, args))
+        return [coerce(v, args[0], key) for v in value]
     if annotation is bool:
         if isinstance(value, bool):
             return value
@@ -154,6 +106,9 @@ def _coerce(value, annotation, key: str):
             return float(value)
         except (TypeError, ValueError, OverflowError):
             raise ConfigError(f"{key}: expected a number, got {value!r:.40}") from None
+    inner = _optional_inner(annotation)
+    if inner is not None:
+        return None if value is None else coerce(value, inner, key)
     if annotation is str:
         if not isinstance(value, (str, int, float)) or isinstance(value, bool):
             raise ConfigError(f"{key}: expected a string, got {value!r}")
@@ -161,15 +116,44 @@ def _coerce(value, annotation, key: str):
     raise ConfigError(f"{key}: unsupported type {annotation}")  # pragma: no cover
 
 
-def _field_types(cls) -> dict:
+def field_types(cls) -> dict:
     hints = typing.get_type_hints(cls)
     return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
 
 
-def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None,
-                cls=TrainConfig):
+@functools.lru_cache(maxsize=None)
+def field_docs(cls) -> dict[str, str]:
+    """Each field's comment in the class source: the comment on the field's line, else the
+    comment lines just above it."""
+    try:
+        source = inspect.getsource(cls)
+    except (OSError, TypeError):
+        return {}
+    names = {f.name for f in dataclasses.fields(cls)}
+    docs, above, line_field = {}, [], {}
+    tokens = tokenize.generate_tokens(_text_io.StringIO(source).readline)
+    for tok in tokens:
+        if tok.type == tokenize.NAME and tok.start[1] == 4 and tok.string in names \
+                and tok.start[0] not in line_field:
+            line_field[tok.start[0]] = tok.string
+            if above:
+                docs[tok.string] = " ".join(above)
+            above = []
+        elif tok.type == tokenize.COMMENT:
+            text = tok.string.lstrip("#").strip()
+            owner = line_field.get(tok.start[0])
+            if owner is not None:
+                docs[owner] = text
+            elif tok.start[1] == 4:
+                above.append(text)
+        elif tok.type == tokenize.NL and tok.line.strip() == "":
+            above = []
+    return docs
+
+
+def load_config(cls, path: str | os.PathLike | None = None, overrides: list[str] | None = None):
     """Build a config from an optional JSON/TOML file and ``key=value`` overrides."""
-    types = _field_types(cls)
+    types = field_types(cls)
     values: dict = {}
     if path:
         path = Path(path)
@@ -185,7 +169,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
         for key, value in raw.items():
             if key not in types:
                 raise ConfigError(f"{path}: unknown key {key!r}; known keys: {', '.join(types)}")
-            values[key] = _coerce(value, types[key], f"{path}: {key}")
+            values[key] = coerce(value, types[key], f"{path}: {key}")
     for item in overrides or []:
         key, sep, value = item.partition("=")
         if not sep:
@@ -193,11 +177,64 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
         key = key.strip()
         if key not in types:
             raise ConfigError(f"unknown key {key!r}; known keys: {', '.join(types)}")
-        values[key] = _coerce(value, types[key], key)
-    return cls(**values).validate()
+        values[key] = coerce(value, types[key], key)
+    return cls(**values)
 
 
 def save_config(config, path: str | os.PathLike) -> None:
-    from oreo_fast.jsonl import write_json
-
     write_json(path, dataclasses.asdict(config))
+
+
+# ------------------------------------------------------------------ command-line flags
+
+
+def add_config_flags(parser: argparse.ArgumentParser, cls, skip=(), helps=None) -> None:
+    """One ``--flag`` per field (underscores become dashes), converted by ``coerce`` from the
+    field's annotation; fields without a default are required. Help: ``helps`` or the field's
+    comment."""
+    docs = {**field_docs(cls), **(helps or {})}
+    types_ = field_types(cls)
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        annotation = types_[f.name]
+        text = docs.get(f.name, "")
+        default = f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
+        if default is dataclasses.MISSING:
+            parser.add_argument(flag, dest=f.name, required=True, help=text,
+                                type=functools.partial(_parse_flag, annotation=annotation,
+                                                       key=f.name))
+        elif annotation is bool:
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
+                                default=default, help=text)
+        elif typing.get_origin(annotation) in (list, tuple):
+            item = typing.get_args(annotation)[0]
+            parser.add_argument(flag, dest=f.name, nargs="+", default=default,
+                                type=functools.partial(_parse_flag, annotation=item, key=f.name),
+                                help=f"{text} (default: {' '.join(map(str, default))})".strip())
+        else:
+            parser.add_argument(flag, dest=f.name, default=default,
+                                type=functools.partial(_parse_flag, annotation=annotation,
+                                                       key=f.name),
+                                help=f"{text} (default: {default})".strip())
+
+
+def _parse_flag(text: str, annotation, key: str):
+    inner = _optional_inner(annotation)
+    try:
+        return coerce(text, inner if inner is not None else annotation, key)
+    except ConfigError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def config_from_args(args: argparse.Namespace, cls, **extra):
+    """The ``cls`` config from parsed flags (``add_config_flags``), plus ``extra`` fields."""
+    types_ = field_types(cls)
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls)
+              if hasattr(args, f.name)}
+    values.update(extra)
+    for name, value in values.items():
+        if typing.get_origin(types_[name]) is tuple and isinstance(value, list):
+            values[name] = tuple(value)
+    return cls(**values)

@@ -21,11 +21,66 @@ from typing import Any
 import torch
 from torch import nn
 
-from oreo_fast.faults import ModelDirError, check_model_dir
-from oreo_fast.jsonl import atomic_dir
+from oreo_fast.config import reject, require_at_least
+from oreo_fast.errors import ModelDirError
+from oreo_fast.io import atomic_dir
+from oreo_fast.tokenizer import tokenizer_signature
 
 VALUE_HEAD_FILE = "value_head.safetensors"
 VALUE_CONFIG_KEY = "oreo_value_model"
+PICKLED_WEIGHTS = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+# ------------------------------------------------------------------ folder checks
+
+
+def check_model_dir(path, what: str = "model") -> Path:
+    """A Hugging Face model folder with a config.json and safetensors weights, or a
+    :class:`ModelDirError` naming the folder and what is missing."""
+    path = Path(path)
+    if not path.is_dir():
+        raise ModelDirError(f"{what} folder does not exist", path)
+    config = path / "config.json"
+    if not config.is_file():
+        raise ModelDirError(f"{what} folder has no config.json (not a Hugging Face model "
+                            "folder)", path)
+    try:
+        parsed = json.loads(config.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise ModelDirError(f"{what} config.json is not valid JSON ({e})", path) from None
+    if not isinstance(parsed, dict):
+        raise ModelDirError(f"{what} config.json is not a JSON object", path)
+    if not any(path.glob("*.safetensors")):
+        pickled = sorted(p.name for p in path.iterdir() if p.suffix in PICKLED_WEIGHTS)
+        if pickled:
+            raise ModelDirError(f"{what} weights are pickled ({pickled[0]}); weights are "
+                                "loaded only from safetensors files (convert them with "
+                                "save_pretrained(safe_serialization=True))", path)
+        raise ModelDirError(f"{what} folder has no weights (*.safetensors)", path)
+    return path
+
+
+def check_same_vocabulary(models: dict[str, tuple[object, int, tuple | None]]) -> None:
+    """``models``: role -> (where: a folder or a name, vocabulary size, tokenizer signature
+    or None). Every model must have the first's vocabulary size, and every tokenizer given
+    the first's (``tokenizer_signature`` / ``loaded_tokenizer_signature``); a
+    :class:`ModelDirError` names both."""
+    (first, (first_at, first_size, base)), *others = models.items()
+    for role, (at, size, _) in others:
+        if size != first_size:
+            raise ModelDirError(f"vocabulary mismatch: {role} model {at} has {size} tokens, "
+                                f"{first} model {first_at} has {first_size}")
+    for role, (at, _, other) in others:
+        if base is not None and other is not None and other != base:
+            what = "special tokens" if other[0] == base[0] else "vocabulary"
+            raise ModelDirError(f"tokenizer mismatch ({what}): {role} folder {at} and "
+                                f"{first} folder {first_at} tokenize differently")
+
+
+def check_folders_same_vocabulary(configs: dict[str, tuple[Path, object]]) -> None:
+    """``configs``: role -> (folder, loaded HF config); the folders' own tokenizers compared."""
+    check_same_vocabulary({role: (folder, cfg.vocab_size, tokenizer_signature(folder))
+                           for role, (folder, cfg) in configs.items()})
 
 
 @dataclass
@@ -40,6 +95,14 @@ class TinyModelConfig:
     max_position_embeddings: int = 512
     tie_word_embeddings: bool = True
     seed: int = 0
+
+    def __post_init__(self):
+        require_at_least(self, 1, "hidden_size", "intermediate_size", "num_hidden_layers",
+                         "num_attention_heads", "num_key_value_heads", "max_position_embeddings")
+        if self.num_attention_heads % self.num_key_value_heads:
+            reject(self, "num_key_value_heads", "must divide num_attention_heads")
+        if self.hidden_size % self.num_attention_heads:
+            reject(self, "num_attention_heads", "must divide hidden_size")
 
 
 def _dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
@@ -86,7 +149,7 @@ def load_policy(path: str | os.PathLike, dtype: str | torch.dtype | None = "floa
     return model.eval()
 
 
-def save_checkpoint(model, tokenizer, out_dir: str | os.PathLike,
+def save_model(model, tokenizer, out_dir: str | os.PathLike,
                     extra_files: dict[str, Any] | None = None) -> Path:
     """Save ``model`` (safetensors) and ``tokenizer`` as one folder, atomically: the folder
     appears complete or not at all. ``extra_files`` maps file names to JSON-able objects."""
@@ -98,6 +161,16 @@ def save_checkpoint(model, tokenizer, out_dir: str | os.PathLike,
         for name, obj in (extra_files or {}).items():
             (tmp / name).write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
     return out_dir
+
+
+def stop_token_ids(model, tokenizer) -> list[int]:
+    """The tokenizer's EOS plus any the model's generation config lists (chat models often
+    end turns with a token of their own)."""
+    ids = {tokenizer.eos_token_id}
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if configured is not None:
+        ids.update(configured if isinstance(configured, (list, tuple)) else [configured])
+    return sorted(i for i in ids if i is not None)
 
 
 @dataclass

@@ -10,14 +10,16 @@ from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
 from typing import Iterable
 
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from oreo_fast.jsonl import DataError
+from oreo_fast.errors import DataError, ModelDirError
 
 BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
 SPECIAL_TOKENS = [PAD, BOS, EOS]
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
 
 # Pieces no merge may cross: a newline, a single digit, a word with its leading space,
 # a run of other symbols with its leading space, or a run of spaces.
@@ -49,14 +51,35 @@ def load_tokenizer(path: str | os.PathLike, trust_remote_code: bool = False):
     padding is on the left, as batched generation needs."""
     from transformers import AutoTokenizer
 
-    from oreo_fast.faults import check_tokenizer_dir
-
     check_tokenizer_dir(path)
     tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     tok.padding_side = "left"
     return tok
+
+
+def check_tokenizer_dir(path) -> Path:
+    """A folder holding tokenizer files, or a :class:`ModelDirError` naming it."""
+    path = Path(path)
+    if not path.is_dir():
+        raise ModelDirError("tokenizer folder does not exist", path)
+    if not any((path / name).is_file() for name in TOKENIZER_FILES):
+        raise ModelDirError(f"no tokenizer files ({', '.join(TOKENIZER_FILES)})", path)
+    return path
+
+
+def tokenizer_signature(folder) -> tuple | None:
+    """(sorted vocabulary, (eos, bos, pad) ids) of a folder's tokenizer; None if it ships none."""
+    if not any((Path(folder) / name).is_file() for name in TOKENIZER_FILES):
+        return None
+    return loaded_tokenizer_signature(load_tokenizer(folder))
+
+
+def loaded_tokenizer_signature(tok) -> tuple:
+    """What two tokenizers must share to encode alike: the vocabulary and special ids."""
+    return tuple(sorted(tok.get_vocab().items())), (tok.eos_token_id, tok.bos_token_id,
+                                                     tok.pad_token_id)
 
 
 def encode_pair(tokenizer, prompt: str, response: str | None = None,

@@ -5,9 +5,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
-from oreo_fast.generation import SamplingConfig, filter_logits, generate
+from oreo_fast.sampling import SamplingConfig, filter_logits, generate
 from oreo_fast.models import (TinyModelConfig, ValueModel, build_tiny_model, left_pad,
-                              load_policy, save_checkpoint)
+                              load_policy, save_model)
 from oreo_fast.tasks import ArithmeticConfig, format_prompt, generate_splits
 from oreo_fast.tokenizer import build_tokenizer, encode_pair, load_tokenizer
 
@@ -33,7 +33,7 @@ def policy_dir(tmp_path_factory, corpus):
     with torch.no_grad():  # random, non-trivial weights everywhere (norms included)
         for p in model.parameters():
             p.add_(0.3 * torch.randn_like(p))
-    save_checkpoint(model, tok, out)
+    save_model(model, tok, out)
     return out
 
 
@@ -67,7 +67,7 @@ def test_save_then_load_gives_identical_logits(policy_dir, tmp_path):
     assert next(model.parameters()).dtype == torch.float32
     ids = torch.randint(3, model.config.vocab_size, (2, 9))
     before = model(ids).logits
-    save_checkpoint(model, load_tokenizer(policy_dir), tmp_path / "again")
+    save_model(model, load_tokenizer(policy_dir), tmp_path / "again")
     assert (tmp_path / "again" / "model.safetensors").is_file()
     reloaded = AutoModelForCausalLM.from_pretrained(str(tmp_path / "again")).eval()
     assert torch.equal(before, reloaded(ids).logits)
@@ -180,6 +180,6 @@ def test_sampling_filters():
     assert kept.tolist() == [[True, True, False, False]]
     assert (~torch.isinf(filter_logits(logits, top_p=0.01))).sum() == 1
     gen = torch.Generator().manual_seed(0)
-    from oreo_fast.generation import next_tokens
+    from oreo_fast.sampling import next_tokens
     draws = next_tokens(logits.repeat(500, 1), SamplingConfig(temperature=1.0, top_k=2), gen)
     assert set(draws.tolist()) == {0, 1}

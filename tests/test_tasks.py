@@ -4,7 +4,7 @@ import re
 
 import pytest
 
-from oreo_fast.jsonl import DataError
+from oreo_fast.errors import DataError
 from oreo_fast.tasks import (ArithmeticConfig, Problem, extract_gsm8k_answer, format_prompt,
                              generate_splits, last_boxed, load_problems, verify)
 from oreo_fast.tasks.arithmetic import solve

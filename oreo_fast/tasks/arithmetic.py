@@ -16,6 +16,8 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
+from oreo_fast.config import reject, require_at_least
+
 OPS = ("+", "-", "*", "/")
 _WORDS = {"+": "Add {}.", "-": "Subtract {}.", "*": "Multiply by {}.", "/": "Divide by {}."}
 
@@ -37,16 +39,16 @@ class ArithmeticConfig:
     seed: int = 0
 
     def __post_init__(self):
-        if not 1 <= self.min_steps <= self.max_steps:
-            raise ValueError("need 1 <= min_steps <= max_steps")
-        if self.n_train < 0 or self.n_test < 0:
-            raise ValueError("n_train and n_test must be >= 0")
+        require_at_least(self, 0, "n_train", "n_test", "start_min")
+        require_at_least(self, 1, "min_steps", "add_max")
+        require_at_least(self, 2, "mul_max")
+        if self.max_steps < self.min_steps:
+            reject(self, "max_steps", f"must be >= min_steps ({self.min_steps})")
         if not self.ops or any(op not in OPS for op in self.ops):
-            raise ValueError(f"ops must be a non-empty subset of {OPS}")
-        if self.start_min < 0 or self.start_max < self.start_min or self.start_max > self.max_value:
-            raise ValueError("need 0 <= start_min <= start_max <= max_value")
-        if self.add_max < 1 or self.mul_max < 2:
-            raise ValueError("need add_max >= 1 and mul_max >= 2")
+            reject(self, "ops", f"must be a non-empty subset of {OPS}")
+        if not self.start_min <= self.start_max <= self.max_value:
+            reject(self, "start_max", f"must be in [start_min, max_value] = "
+                   f"[{self.start_min}, {self.max_value}]")
 
 
 def _step(rng: random.Random, value: int, cfg: ArithmeticConfig) -> tuple[str, int, int] | None:

@@ -14,7 +14,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from oreo_fast.jsonl import DataError, read_jsonl, require
+from oreo_fast.errors import DataError
+from oreo_fast.io import read_jsonl, require
 from oreo_fast.tasks.gsm8k import extract_gsm8k_answer, gsm8k_equal
 from oreo_fast.tasks.math_verifier import last_boxed, math_equal
 

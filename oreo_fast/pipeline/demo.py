@@ -1,0 +1,224 @@
+"""``make demo``: the paper's comparison on the embedded default, from nothing, on a CPU.
+
+Stages (each writes under ``out``): the embedded task, tokenizer and tiny model; a validation
+split of fresh problems (in neither train nor test, used to choose the demo's knobs); SFT; K sampled, verified responses per training problem; the rejection-sampling
+baseline (RFT: SFT on the reward-1 samples) and OREO trained on those same trajectories
+(OREO launched through torchrun); greedy accuracy of SFT, RFT and OREO on the held-out test
+problems, printed as a table and written to ``results.json`` with a bar chart.
+"""
+from __future__ import annotations
+
+import platform
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from oreo_fast.config import require_at_least
+from oreo_fast.io import atomic_open, read_jsonl, write_json, write_jsonl
+from oreo_fast.models import load_policy
+from oreo_fast.pipeline.iterate import launch_training
+from oreo_fast.pipeline.sample import encode_problems
+from oreo_fast.search.beam import SearchConfig
+from oreo_fast.search.evaluate import load_value, search_accuracy
+from oreo_fast.tasks.problems import load_problems
+from oreo_fast.tokenizer import load_tokenizer
+
+# Knobs for the 0.8M-parameter embedded model, chosen on the validation split (the sweep's
+# figures are in the README, "The demo"). The paper's lr 5e-6 suits 1.5B-7B models; Adam's
+# step is about the lr, so this model, whose SFT used 2e-3, needs far larger ones.
+OREO_OVERRIDES = ["global_batch_size=128", "micro_batch_size=32", "policy_lr=1e-3",
+                  "value_lr=1e-3", "beta=0.03", "kl_coef=0.1", "level=step", "epochs=1",
+                  "max_length=256", "warmup_ratio=0.03"]
+RFT_OVERRIDES = ["global_batch_size=128", "micro_batch_size=32", "policy_lr=1e-4", "epochs=1",
+                 "max_length=256", "warmup_ratio=0.03"]
+
+
+@dataclass
+class DemoConfig:
+    out: str = "runs/demo"  # output folder
+    samples_per_problem: int = 8  # sampled responses per training problem
+    n_val: int = 1000  # fresh problems to choose knobs on (never the test split)
+    nproc: int = 2  # OREO training processes (torchrun)
+    threads: int = 1  # torch threads per process
+    reuse: bool = False  # keep finished stages of an earlier run in out
+    oreo_overrides: list[str] = field(default_factory=lambda: list(OREO_OVERRIDES))
+    rft_overrides: list[str] = field(default_factory=lambda: list(RFT_OVERRIDES))
+
+    def __post_init__(self):
+        require_at_least(self, 1, "samples_per_problem", "n_val", "nproc", "threads")
+
+
+# The demo's search knobs: B = 7 as in the paper's main results, K = 4 candidates per beam,
+# steps of one line of the embedded task; the temperature was chosen on the validation split
+# (README, "Value-guided beam search").
+DEMO_SEARCH = dict(beams=7, candidates=4, max_steps=10, max_step_tokens=24, temperature=0.3)
+DEMO_SWEEP_BEAMS = (1, 3, 5, 7)  # the paper's Figure 3
+
+
+def demo_beam_search(run_dir, test_file, val_file, sweep_limit: int | None = None) -> dict:
+    """The demo's "oreo_beam" stage: value-guided beam search with the OREO policy and value
+    model in ``run_dir`` on the test and validation problems, and a sweep over B (K fixed)
+    on the first ``sweep_limit`` test problems (all when None)."""
+    run_dir = Path(run_dir)
+    tokenizer = load_tokenizer(run_dir / "policy")
+    policy = load_policy(run_dir / "policy")
+    value = load_value(str(run_dir / "value"), policy, tokenizer)
+    split = {}
+    for name, path in (("test", test_file), ("val", val_file)):
+        split[name] = encode_problems(tokenizer, load_problems(path), 512, False, str(path))[0]
+    cfg = SearchConfig(**DEMO_SEARCH)
+    out = {"config": dict(DEMO_SEARCH)}
+    for name, encoded in split.items():
+        res = search_accuracy(policy, value, tokenizer, encoded, cfg, batch_size=50)
+        out[name] = res["accuracy"]
+        out[f"{name}_pool_accuracy"] = res["pool_accuracy"]
+        out[f"{name}_value_diagnostics"] = res["value_diagnostics"]
+        out[f"{name}_tokens"] = {k: res[k] for k in ("policy_tokens", "value_tokens",
+                                                     "seconds")}
+    sweep_problems = split["test"][:sweep_limit] if sweep_limit else split["test"]
+    sweep = {}
+    for beams in DEMO_SWEEP_BEAMS:
+        if beams == cfg.beams and len(sweep_problems) == len(split["test"]):
+            sweep[beams] = out["test"]
+            continue
+        res = search_accuracy(policy, value, tokenizer, sweep_problems,
+                              SearchConfig(**{**DEMO_SEARCH, "beams": beams}), batch_size=50)
+        sweep[beams] = res["accuracy"]
+    out["sweep"] = {"candidates": cfg.candidates, "n_problems": len(sweep_problems),
+                    "accuracy_by_beams": sweep}
+    return out
+
+
+def validation_problems(default: Path, n: int, seed: int = 104729) -> list[dict]:
+    """``n`` problems of the task drawn with another seed, none of them in train or test."""
+    from oreo_fast.tasks.arithmetic import ArithmeticConfig, generate_splits
+
+    seen = {r["question"] for split in ("train", "test")
+            for _, r in read_jsonl(default / f"{split}.jsonl")}
+    _, pool = generate_splits(ArithmeticConfig(seed=seed, n_train=0, n_test=n + n // 2 + 100))
+    fresh = [r for r in pool if r["question"] not in seen][:n]
+    if len(fresh) < n:
+        raise ValueError(f"only {len(fresh)} validation problems outside train and test")
+    return [dict(r, id=f"val-{i}") for i, r in enumerate(fresh)]
+
+
+def _stage(name: str, done: Path, reuse: bool, times: dict, fn):
+    if reuse and done.exists():
+        print(f"[demo] {name}: reusing {done}", flush=True)
+        return
+    print(f"[demo] {name} ...", flush=True)
+    t0 = time.time()
+    fn()
+    times[name] = round(time.time() - t0, 1)
+    print(f"[demo] {name} done in {times[name]:.0f}s", flush=True)
+
+
+def run_demo(config: DemoConfig) -> dict:
+    from oreo_fast.pipeline.embedded import EmbeddedConfig, build_default
+    from oreo_fast.pipeline.evaluate import EvalConfig, run_eval
+    from oreo_fast.pipeline.sample import SampleConfig, run_sample
+    from oreo_fast.pipeline.sft import SFTConfig, run_sft
+
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    times: dict[str, float] = {}
+    default = out / "default"
+
+    def build():
+        build_default(EmbeddedConfig(out=str(default)))
+        write_jsonl(default / "val.jsonl", validation_problems(default, config.n_val))
+
+    _stage("embedded default", default / "val.jsonl", config.reuse, times, build)
+    train, val, test = default / "train.jsonl", default / "val.jsonl", default / "test.jsonl"
+    _stage("sft", out / "sft" / "config.json", config.reuse, times, lambda: run_sft(
+        SFTConfig(model=str(default / "model"), train=str(train), out=str(out / "sft"))))
+    trajectories = out / "trajectories.jsonl"
+    _stage("sample", trajectories, config.reuse, times, lambda: run_sample(SampleConfig(
+        model=str(out / "sft"), problems=str(train), out=str(trajectories),
+        k=config.samples_per_problem)))
+    common = [f"policy={out / 'sft'}", f"train_file={trajectories}"]
+    _stage("rft", out / "rft" / "policy" / "config.json", config.reuse, times,
+           lambda: launch_training(common + ["algorithm=rft", f"output_dir={out / 'rft'}",
+                                             *config.rft_overrides],
+                                   1, out / "rft.log", config.threads))
+    _stage("oreo", out / "oreo" / "policy" / "config.json", config.reuse, times,
+           lambda: launch_training(common + [f"output_dir={out / 'oreo'}", *config.oreo_overrides],
+                                   config.nproc, out / "oreo.log", config.threads))
+
+    models = {"sft": out / "sft", "rft": out / "rft" / "policy", "oreo": out / "oreo" / "policy"}
+    accuracy, val_accuracy = {}, {}
+    t0 = time.time()
+    for name, path in models.items():
+        for split, target, store in (("test", test, accuracy), ("val", val, val_accuracy)):
+            report = run_eval(EvalConfig(model=str(path), problems=str(target), n_samples=0,
+                                         out=str(out / f"eval_{name}_{split}.json")))
+            store[name] = report["greedy_accuracy"]
+            if split == "test":
+                n_problems = report["n_problems"]
+    times["eval"] = round(time.time() - t0, 1)
+    t0 = time.time()  # oreo_beam: value-guided beam search with OREO's policy and value
+    beam = demo_beam_search(out / "oreo", test, val, sweep_limit=100)  # sweep: 100 problems
+    accuracy["oreo_beam"], val_accuracy["oreo_beam"] = beam["test"], beam["val"]
+    times["oreo_beam"] = round(time.time() - t0, 1)
+    print(f"[demo] oreo_beam (B={beam['config']['beams']}, K={beam['config']['candidates']}) "
+          f"test {beam['test']:.3f}, by B: {beam['sweep']['accuracy_by_beams']}", flush=True)
+    import torch
+
+    results = {**accuracy, "n_problems": n_problems, "split": "test (held out)",
+               "validation": val_accuracy, "oreo_beam_search": beam,
+               "samples_per_problem": config.samples_per_problem,
+               "seconds": times, "oreo_overrides": config.oreo_overrides,
+               "rft_overrides": config.rft_overrides, "nproc": config.nproc,
+               "device": _device_name(),
+               "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}
+    write_json(out / "results.json", results)
+    _bar_chart(accuracy, out / "results.png")
+    print(format_table(results))
+    return results
+
+
+def _device_name() -> str:
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    try:
+        with open("/proc/cpuinfo") as f:
+            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+        return f"{names[0]} ({len(names)} cores)" if names else platform.machine()
+    except OSError:
+        return platform.machine()
+
+
+def format_table(results: dict) -> str:
+    rows = [("method", "test greedy acc", "val greedy acc")]
+    for name in ("sft", "rft", "oreo", "oreo_beam"):
+        if name in results:
+            rows.append((name.upper().replace("_", " + "), f"{results[name]:.3f}",
+                         f"{results['validation'].get(name, float('nan')):.3f}"))
+    width = [max(len(r[i]) for r in rows) for i in range(3)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, width)) for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in width))
+    return "\n".join(lines) + f"\n({results['n_problems']} held-out test problems)"
+
+
+def _bar_chart(accuracy: dict, path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, ax = plt.subplots(figsize=(4.5, 3))
+    names = list(accuracy)
+    bars = ax.bar([n.upper() for n in names], [accuracy[n] for n in names],
+                  color=["#999999", "#6f9fd8", "#d8842f", "#b0552a"][:len(names)])
+    ax.bar_label(bars, fmt="%.3f")
+    ax.set_ylabel("accuracy (held-out test)")
+    ax.set_title("Embedded default: SFT vs RFT vs OREO")
+    ax.set_ylim(0, 1)
+    fig.tight_layout()
+    with atomic_open(path, "wb") as f:
+        fig.savefig(f, format="png", dpi=100)
+    plt.close(fig)

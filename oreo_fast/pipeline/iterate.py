@@ -1,0 +1,90 @@
+"""Iterative OREO: rounds of sample -> train, each round starting from the last policy.
+
+Round r samples K responses per problem from the current policy, verifies them, and trains
+OREO on them (policy from the current one, value model carried over from the last round, the
+reference being the round's starting policy unless ``reference="initial"``).
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from oreo_fast.config import require_at_least, require_choice
+from oreo_fast.io import write_json
+from oreo_fast.sampling import check_sampling
+
+
+def launch_training(overrides: list[str], nproc: int, log_path: Path, threads: int = 1) -> None:
+    """Run ``python -m oreo_fast.train`` in a subprocess: through torchrun when nproc > 1. The log goes
+    to ``log_path``; a failure raises with the end of the log."""
+    if nproc > 1:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               f"--nproc_per_node={nproc}", "-m", "oreo_fast.train", *overrides]
+    else:
+        cmd = [sys.executable, "-m", "oreo_fast.train", *overrides]
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "w", encoding="utf-8") as log:
+        proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+    if proc.returncode != 0:
+        tail = log_path.read_text(encoding="utf-8", errors="replace")[-4000:]
+        raise RuntimeError(f"training failed (exit {proc.returncode}); {log_path}:\n{tail}")
+
+
+@dataclass
+class IterateConfig:
+    policy: str  # starting policy (the SFT model)
+    problems: str  # training problems (GSM8K or MATH shape)
+    out: str  # folder for the rounds
+    rounds: int = 3
+    k: int = 8  # responses per problem per round
+    temperature: float = 1.0
+    max_new_tokens: int = 128
+    reference: str = "previous"  # "previous": the round's starting policy; "initial": policy
+    eval_problems: str = ""  # evaluated (greedy) after every round when given
+    nproc: int = 1  # training processes (torchrun when > 1)
+    threads: int = 1
+    seed: int = 0
+    train_overrides: list[str] = field(default_factory=list)  # key=value for the trainer (TrainConfig)
+
+    def __post_init__(self):
+        require_at_least(self, 1, "rounds", "k", "max_new_tokens", "nproc", "threads")
+        require_choice(self, "reference", ("previous", "initial"))
+        check_sampling(self)
+
+
+def run_iterate(config: IterateConfig) -> dict:
+    from oreo_fast.pipeline.evaluate import EvalConfig, run_eval
+    from oreo_fast.pipeline.sample import SampleConfig, run_sample
+
+    out = Path(config.out)
+    policy, value = Path(config.policy), None
+    rounds = []
+    for r in range(config.rounds):
+        t0 = time.time()
+        folder = out / f"round-{r}"
+        trajectories = run_sample(SampleConfig(
+            model=str(policy), problems=config.problems, out=str(folder / "trajectories.jsonl"),
+            k=config.k, temperature=config.temperature, max_new_tokens=config.max_new_tokens,
+            seed=config.seed + r))
+        reference = policy if config.reference == "previous" else Path(config.policy)
+        overrides = [f"policy={policy}", f"reference={reference}", f"train_file={trajectories}",
+                     f"output_dir={folder}", f"seed={config.seed + r}", "progress=false",
+                     *([f"value={value}"] if value else []), *config.train_overrides]
+        launch_training(overrides, config.nproc, folder / "train.log", config.threads)
+        policy, value = folder / "policy", folder / "value"
+        stats = json.loads(Path(str(trajectories) + ".stats.json").read_text())
+        row = {"round": r, "policy": str(policy), "sample_reward_rate": stats.get("reward_rate"),
+               "seconds": time.time() - t0}
+        if config.eval_problems:
+            report = run_eval(EvalConfig(model=str(policy), problems=config.eval_problems,
+                                         out=str(folder / "eval.json"), n_samples=0))
+            row["greedy_accuracy"] = report["greedy_accuracy"]
+        rounds.append(row)
+        write_json(out / "iterate.json", {"config": asdict(config), "rounds": rounds})
+    return {"config": asdict(config), "rounds": rounds}

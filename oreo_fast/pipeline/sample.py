@@ -1,0 +1,130 @@
+"""Sampling offline trajectories: K responses per problem, verified, written as JSONL.
+
+Batched generation with a KV cache (``oreo_fast.sampling``), temperature / top-p / top-k,
+a tqdm bar with tokens/s. Each response gets the verifier's 0/1 reward. Optionally the
+paper's balancing keeps at most n positive and n negative responses per problem. Empty
+responses (EOS straight away) are counted and left out: they carry no step to learn from.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from oreo_fast.config import require_at_least
+from oreo_fast.sampling import SamplingConfig, check_sampling, generate
+from oreo_fast.io import write_json, write_jsonl
+from oreo_fast.models import load_policy, stop_token_ids
+from oreo_fast.tasks.problems import Problem, extract_answer, is_correct, load_problems
+from oreo_fast.tokenizer import drop_long, encode_pair, load_tokenizer
+from oreo_fast.pipeline.trajectories import balance
+
+log = logging.getLogger("oreo_fast")
+
+
+@dataclass
+class SampleConfig:
+    model: str  # policy checkpoint folder
+    problems: str  # problem JSONL (GSM8K or MATH shape)
+    out: str  # trajectory JSONL to write
+    k: int = 8  # responses per problem
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    max_new_tokens: int = 128
+    batch_size: int = 32  # problems per batch (x k sequences)
+    balance: int | None = None  # keep at most n positive and n negative per problem
+    max_prompt_length: int = 512  # longer prompts are dropped (an error under strict)
+    strict: bool = False
+    limit: int | None = None
+    seed: int = 0
+    dtype: str = "float32"
+    trust_remote_code: bool = False
+
+    def __post_init__(self):
+        require_at_least(self, 1, "k", "batch_size", "max_prompt_length", "balance", "limit")
+        check_sampling(self)
+
+
+def encode_problems(tokenizer, problems: list[Problem], max_prompt_length: int, strict: bool,
+                    source: str | None) -> tuple[list[tuple[Problem, list[int]]], int]:
+    """(problem, prompt ids) pairs whose prompt fits, and how many were dropped."""
+    pairs = [(p, encode_pair(tokenizer, p.prompt)[0]) for p in problems]
+    return drop_long(pairs, [len(ids) for _, ids in pairs], max_prompt_length, "prompt",
+                     strict, source)
+
+
+def generate_responses(model, tokenizer, encoded: list[tuple[Problem, list[int]]],
+                       sampling: SamplingConfig, k: int, batch_size: int, seed: int,
+                       desc: str = "sample") -> tuple[list[list[tuple[str, bool]]], int]:
+    """K (response text, finished) per problem, and the number of generated tokens."""
+    from tqdm import tqdm
+
+    generator = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+    eos = stop_token_ids(model, tokenizer)
+    results: list[list[tuple[str, bool]]] = []
+    n_tokens = 0
+    with tqdm(desc=desc, unit="tok", unit_scale=True, dynamic_ncols=True) as bar:
+        def on_tokens(n: int):
+            nonlocal n_tokens
+            n_tokens += n
+            bar.update(n)
+
+        for start in range(0, len(encoded), batch_size):
+            chunk = encoded[start:start + batch_size]
+            gens = generate(model, [ids for _, ids in chunk], eos, tokenizer.pad_token_id,
+                            sampling, num_samples=k, generator=generator, on_tokens=on_tokens)
+            for samples in gens:
+                results.append([(tokenizer.decode(g.token_ids, skip_special_tokens=True),
+                                 g.finished) for g in samples])
+            bar.set_postfix(problems=f"{len(results)}/{len(encoded)}")
+    return results, n_tokens
+
+
+def run_sample(config: SampleConfig) -> Path:
+    """Sample, verify and write the trajectories; a ``<out>.stats.json`` sidecar records the
+    counts, reward rate, tokens/s and config. Returns the trajectory path."""
+    t0 = time.time()
+    tokenizer = load_tokenizer(config.model, config.trust_remote_code)
+    model = load_policy(config.model, config.dtype, config.trust_remote_code)
+    problems = load_problems(config.problems, config.limit)
+    encoded, dropped = encode_problems(tokenizer, problems, config.max_prompt_length,
+                                       config.strict, config.problems)
+    sampling = SamplingConfig.of(config)
+    responses, n_tokens = generate_responses(model, tokenizer, encoded, sampling, config.k,
+                                             config.batch_size, config.seed)
+    records, empty, unfinished = [], 0, 0
+    for (problem, _), samples in zip(encoded, responses):
+        for i, (text, finished) in enumerate(samples):
+            if not text.strip():
+                empty += 1
+                continue
+            unfinished += not finished
+            answer = extract_answer(problem.kind, text)
+            reward = int(is_correct(problem.kind, problem.answer, answer))
+            records.append({"prompt": problem.prompt, "response": text, "reward": reward,
+                            "problem_id": problem.id, "answer": answer, "sample_index": i,
+                            "finished": finished})
+    if empty:
+        log.warning("left out %d empty responses", empty)
+    sampled = len(records)
+    if config.balance is not None:
+        records = balance(records, config.balance, config.seed)
+    seconds = time.time() - t0
+    out = Path(config.out)
+    write_jsonl(out, records)
+    positives = sum(r["reward"] for r in records)
+    stats = {
+        "problems": len(encoded), "dropped_prompts": dropped, "responses": sampled,
+        "empty_responses": empty, "unfinished_responses": unfinished, "written": len(records),
+        "positive": positives, "reward_rate": positives / max(len(records), 1),
+        "generated_tokens": n_tokens, "seconds": round(seconds, 2),
+        "tokens_per_second": round(n_tokens / max(seconds, 1e-9), 1), "config": asdict(config),
+    }
+    write_json(out.with_name(out.name + ".stats.json"), stats)
+    log.info("sample: %d responses to %d problems, reward rate %.3f, %d written to %s (%.1fs)",
+             sampled, len(encoded), stats["reward_rate"], len(records), out, seconds)
+    return out

@@ -1,0 +1,158 @@
+"""Supervised fine-tuning: cross-entropy on the response tokens only.
+
+The result is the policy that is both the frozen reference pi_ref and the starting point of
+OREO. Examples are problems (their gold solution is the response) read from a GSM8K- or
+MATH-shaped JSONL file; each becomes prompt + solution + EOS, the loss masking the prompt.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from oreo_fast.config import require_at_least, require_finite
+from oreo_fast.models import load_policy, save_model
+from oreo_fast.tasks.problems import load_problems
+from oreo_fast.tokenizer import drop_long, encode_pair, load_tokenizer
+from oreo_fast.train.schedule import cosine_with_warmup
+
+log = logging.getLogger("oreo_fast")
+IGNORE = -100
+
+
+@dataclass
+class SFTConfig:
+    model: str  # checkpoint folder to start from
+    train: str  # problem JSONL (GSM8K or MATH shape)
+    out: str  # checkpoint folder to write
+    epochs: float = 8.0
+    batch_size: int = 32
+    lr: float = 2e-3
+    min_lr_ratio: float = 0.1  # cosine decay ends at lr * min_lr_ratio
+    warmup_steps: int = 20
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    max_length: int = 256  # prompt + response tokens; longer examples are dropped
+    limit: int | None = None  # use only the first N problems
+    strict: bool = False  # an over-long example is an error instead of a warning
+    log_every: int = 20
+    eval_examples: int = 256  # loss measured on this many training examples, before and after
+    seed: int = 0
+    dtype: str = "float32"
+    trust_remote_code: bool = False
+
+    def __post_init__(self):
+        require_finite(self, "epochs", "lr", positive=True)
+        require_finite(self, "min_lr_ratio", "weight_decay", "grad_clip", minimum=0)
+        require_at_least(self, 1, "batch_size", "max_length", "limit", "log_every")
+        require_at_least(self, 0, "warmup_steps", "eval_examples")
+
+
+def build_examples(tokenizer, problems, max_length: int, strict: bool = False,
+                   source: str | None = None) -> list[tuple[list[int], int]]:
+    """(token ids, prompt length) per problem, over-long ones dropped (or an error)."""
+    pairs = [encode_pair(tokenizer, p.prompt, p.solution) for p in problems]
+    kept, _ = drop_long(pairs, [len(ids) for ids, _ in pairs], max_length, "example", strict,
+                        source)
+    return kept
+
+
+def collate_sft_batch(examples: list[tuple[list[int], int]], pad_id: int):
+    """Right-padded (input_ids, attention_mask, labels); labels are IGNORE outside responses."""
+    width = max(len(ids) for ids, _ in examples)
+    input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(examples), width), dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
+    for i, (ids, n_prompt) in enumerate(examples):
+        input_ids[i, :len(ids)] = torch.tensor(ids)
+        attention[i, :len(ids)] = 1
+        labels[i, n_prompt:len(ids)] = torch.tensor(ids[n_prompt:])
+    return input_ids, attention, labels
+
+
+def response_loss(model, input_ids, attention, labels) -> tuple[torch.Tensor, int]:
+    """Mean cross-entropy over response tokens, and how many there were."""
+    logits = model(input_ids=input_ids, attention_mask=attention).logits[:, :-1]
+    targets = labels[:, 1:]
+    n = int((targets != IGNORE).sum())
+    loss = torch.nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
+        ignore_index=IGNORE, reduction="sum")
+    return loss / max(n, 1), n
+
+
+@torch.no_grad()
+def mean_loss(model, examples, pad_id: int, batch_size: int = 64) -> float:
+    """Token-weighted mean response loss over ``examples``."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for i in range(0, len(examples), batch_size):
+        loss, n = response_loss(model, *collate_sft_batch(examples[i:i + batch_size], pad_id))
+        total += float(loss) * n
+        count += n
+    model.train(was_training)
+    return total / max(count, 1)
+
+
+def run_sft(config: SFTConfig) -> Path:
+    """Fine-tune ``config.model`` on ``config.train``; write the checkpoint folder and its
+    ``sft_log.json`` (losses, sizes, time) to ``config.out`` and return that path."""
+    t0 = time.time()
+    torch.manual_seed(config.seed)
+    rng = random.Random(config.seed)
+    tokenizer = load_tokenizer(config.model, config.trust_remote_code)
+    model = load_policy(config.model, config.dtype, config.trust_remote_code)
+    problems = load_problems(config.train, config.limit)
+    examples = build_examples(tokenizer, problems, config.max_length, config.strict,
+                              config.train)
+    if not examples:
+        raise ValueError(f"no training example fits max_length={config.max_length}")
+    eval_set = examples[:config.eval_examples]
+    initial_loss = mean_loss(model, eval_set, tokenizer.pad_token_id)
+
+    steps_per_epoch = math.ceil(len(examples) / config.batch_size)
+    total_steps = max(1, round(config.epochs * steps_per_epoch))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr,
+                                  weight_decay=config.weight_decay, betas=(0.9, 0.98))
+
+    lr_factor = cosine_with_warmup(total_steps, config.warmup_steps, config.min_lr_ratio)
+
+    from tqdm import tqdm
+
+    model.train()
+    history, order = [], []
+    bar = tqdm(range(total_steps), desc="sft", unit="step", dynamic_ncols=True)
+    for step in bar:
+        if len(order) < config.batch_size:  # next epoch: reshuffle
+            order += rng.sample(range(len(examples)), len(examples))
+        batch = [examples[i] for i in order[:config.batch_size]]
+        del order[:config.batch_size]
+        for group in optimizer.param_groups:
+            group["lr"] = config.lr * lr_factor(step)
+        loss, _ = response_loss(model, *collate_sft_batch(batch, tokenizer.pad_token_id))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+        optimizer.step()
+        history.append(loss.item())
+        if (step + 1) % config.log_every == 0 or step + 1 == total_steps:
+            recent = history[-config.log_every:]
+            bar.set_postfix(loss=f"{sum(recent) / len(recent):.4f}")
+    model.eval()
+    final_loss = mean_loss(model, eval_set, tokenizer.pad_token_id)
+    report = {
+        "config": asdict(config), "examples": len(examples),
+        "dropped": len(problems) - len(examples), "steps": total_steps,
+        "initial_loss": initial_loss, "final_loss": final_loss, "train_losses": history,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "seconds": round(time.time() - t0, 2),
+    }
+    log.info("sft: loss %.4f -> %.4f in %d steps (%.1fs)", initial_loss, final_loss,
+             total_steps, report["seconds"])
+    return save_model(model, tokenizer, config.out, extra_files={"sft_log.json": report})

@@ -1,0 +1,115 @@
+"""The trainer's typed configuration (``TrainConfig``): loaded from a JSON or TOML file,
+overridden by ``key=value`` arguments, validated on construction (unknown keys, wrong types
+and bad values rejected with the key named), saved resolved as ``output_dir/config.json``."""
+from __future__ import annotations
+
+import functools
+import math
+import os
+from dataclasses import dataclass, field
+
+from oreo_fast.config import load_config, reject, save_config
+from oreo_fast.ops import KL_ESTIMATORS, LEVELS
+
+__all__ = ["TrainConfig", "load_train_config", "save_config"]
+
+
+@dataclass
+class TrainConfig:
+    # models and data
+    policy: str = ""  # HF checkpoint folder: the starting policy (the SFT model)
+    reference: str = ""  # frozen reference; empty = the policy folder
+    value: str = ""  # value model init: a saved value model or any causal LM; empty = policy
+    train_file: str = ""  # trajectories JSONL: {"prompt", "response" | "turns", "reward"}
+    output_dir: str = "runs/oreo"
+    max_length: int = 1024  # prompt + response + EOS, in tokens
+    step_delimiters: list[str] = field(default_factory=lambda: ["\n"])
+    strict: bool = False  # over-long prompts: error instead of a counted warning
+
+    # objective
+    algorithm: str = "oreo"  # "oreo" or "rft" (SFT on the reward-1 trajectories)
+    level: str = "token"
+    beta: float = 0.03
+    kl_coef: float = 0.01
+    kl_estimator: str = "full"
+
+    # optimisation
+    epochs: int = 1
+    max_steps: int = 0  # stop after this many optimizer steps (0: all); the schedule spans all
+    global_batch_size: int = 128  # sequences per optimizer step, over all ranks
+    micro_batch_size: int = 8  # sequences per forward on one rank
+    policy_lr: float = 5e-6
+    value_lr: float = 5e-6
+    weight_decay: float = 0.0
+    adam_betas: tuple[float, float] = (0.9, 0.95)
+    warmup_ratio: float = 0.03
+    min_lr_ratio: float = 0.0  # cosine decays to lr * min_lr_ratio
+    grad_clip: float = 1.0
+    seed: int = 0
+
+    # runtime
+    threads: int = 0  # torch CPU threads per process (0: torch's default, or OMP_NUM_THREADS)
+    dtype: str = "auto"  # "auto": bf16 compute with fp32 master weights on CUDA, fp32 on CPU
+    impl: str = "auto"  # loss implementation (see oreo_fast.ops)
+    gradient_checkpointing: bool = False
+    liger: bool = False  # Liger-Kernel patches (RMSNorm, RoPE, SwiGLU) when installed
+    attn_implementation: str = "auto"  # "auto": flash_attention_2 when installed, else sdpa
+    save_every: int = 0  # optimizer steps between checkpoints (output_dir/checkpoints); 0 = none
+    keep_checkpoints: int = 2  # the newest N checkpoints are kept
+    resume: bool = False  # continue from the newest complete checkpoint in output_dir
+    max_bad_steps: int = 5  # stop after this many consecutive steps with NaN/Inf loss or grads
+    collective_timeout_s: float = 600.0  # a dead or stuck rank fails the others after this
+    progress: bool = True
+    tensorboard: bool = False
+    wandb: bool = False
+    trust_remote_code: bool = False
+
+    def __post_init__(self):
+        bad = functools.partial(reject, self)
+        for key in ("policy", "train_file"):
+            if not getattr(self, key):
+                bad(key, "is required")
+        if self.algorithm not in ("oreo", "rft"):
+            bad("algorithm", "must be 'oreo' or 'rft'")
+        if self.level not in LEVELS:
+            bad("level", f"must be one of {LEVELS}")
+        if self.kl_estimator not in KL_ESTIMATORS:
+            bad("kl_estimator", f"must be one of {KL_ESTIMATORS}")
+        for key in ("beta", "kl_coef", "weight_decay", "grad_clip", "min_lr_ratio"):
+            value = getattr(self, key)
+            if not math.isfinite(value) or value < 0:
+                bad(key, "must be a finite number >= 0")
+        for key in ("policy_lr", "value_lr"):
+            if not math.isfinite(getattr(self, key)) or getattr(self, key) <= 0:
+                bad(key, "must be > 0")
+        for key in ("epochs", "global_batch_size", "micro_batch_size"):
+            if getattr(self, key) < 1:
+                bad(key, "must be >= 1")
+        if self.max_length < 2:
+            bad("max_length", "must be >= 2")
+        if self.threads < 0:
+            bad("threads", "must be >= 0")
+        if self.max_steps < 0:
+            bad("max_steps", "must be >= 0")
+        if self.save_every < 0:
+            bad("save_every", "must be >= 0")
+        if self.max_bad_steps < 1:
+            bad("max_bad_steps", "must be >= 1")
+        if not math.isfinite(self.collective_timeout_s) or self.collective_timeout_s <= 0:
+            bad("collective_timeout_s", "must be a finite number > 0")
+        if self.keep_checkpoints < 1:
+            bad("keep_checkpoints", "must be >= 1")
+        if not 0 <= self.warmup_ratio < 1:
+            bad("warmup_ratio", "must be in [0, 1)")
+        if not all(0 <= b < 1 for b in self.adam_betas):
+            bad("adam_betas", "must be two numbers in [0, 1)")
+        if self.dtype not in ("auto", "float32", "bfloat16"):
+            bad("dtype", "must be auto, float32 or bfloat16")
+        if not self.step_delimiters or not all(self.step_delimiters):
+            bad("step_delimiters", "must be a non-empty list of non-empty strings")
+
+
+def load_train_config(path: str | os.PathLike | None = None,
+                      overrides: list[str] | None = None) -> TrainConfig:
+    """``TrainConfig`` from an optional JSON/TOML file and ``key=value`` overrides."""
+    return load_config(TrainConfig, path, overrides)

@@ -1,0 +1,95 @@
+"""Process-group set-up for the trainer: the device, the backend, the ranks, and the watches
+that keep workers from outliving their launcher."""
+from __future__ import annotations
+
+import datetime
+import os
+import sys
+import threading
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class Runtime:
+    """Where this process trains: its device, rank and world size, the compute dtype, and
+    whether the models go through FSDP2 (several processes, or bf16 mixed precision)."""
+
+    device: torch.device
+    rank: int
+    world_size: int
+    distributed: bool
+    compute_dtype: torch.dtype
+    use_fsdp: bool
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def set_up(dtype: str, collective_timeout_s: float) -> Runtime:
+    """The device (CUDA device LOCAL_RANK when present, else CPU), the compute dtype
+    (``dtype`` "auto": bf16 on CUDA, fp32 on CPU) and, when needed, the process group."""
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    compute = torch.bfloat16 if (dtype == "bfloat16" or (
+        dtype == "auto" and device.type == "cuda")) else torch.float32
+    # bf16 compute always goes through FSDP2's mixed precision (fp32 master weights and
+    # reductions), in a one-process group when not launched by torchrun
+    use_fsdp = distributed or compute != torch.float32
+    if use_fsdp and not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        # bounded: a dead or stuck rank makes the others fail instead of hanging
+        timeout = datetime.timedelta(seconds=collective_timeout_s)
+        if distributed:
+            init_process_group_per_attempt(backend, timeout)
+        else:
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1,
+                                    timeout=timeout)
+    rank = dist.get_rank() if distributed else 0
+    world_size = dist.get_world_size() if distributed else 1
+    return Runtime(device, rank, world_size, distributed, compute, use_fsdp)
+
+
+def init_process_group_per_attempt(backend: str, timeout: datetime.timedelta) -> None:
+    """``init_process_group`` from torchrun's environment, each restart on keys of its own.
+
+    torchrun's default (static) rendezvous keeps one store across ``--max-restarts`` attempts,
+    and ``env://`` adds no per-attempt prefix (torch 2.13), so a restarted rank can read a
+    dead rank's gloo address or NCCL id from the previous attempt: "Connection refused".
+    """
+    store, rank, world_size = next(dist.rendezvous("env://", timeout=timeout))
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    store = dist.PrefixStore(f"oreo_fast/attempt_{attempt}", store)
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world_size,
+                            timeout=timeout)
+
+
+def exit_with_launcher(poll_s: float = 0.1) -> None:
+    """Under torchrun, end this worker as soon as its launcher is gone.
+
+    torchrun starts each worker in a session of its own, so killing the launcher (``kill -9``,
+    even of its whole process group) leaves the workers running: they would go on training,
+    saving and pruning checkpoints next to a restarted run that resumes from them. A daemon
+    thread watches the parent pid; once the worker is re-parented it exits at once, which
+    the atomic checkpoint writes make safe at any point.
+    """
+    if "TORCHELASTIC_RUN_ID" not in os.environ:
+        return
+    launcher = os.getppid()
+
+    def watch():
+        while os.getppid() == launcher:
+            time.sleep(poll_s)
+        print(f"oreo-fast train: the launcher (pid {launcher}) is gone; exiting",
+              file=sys.stderr, flush=True)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="oreo-fast-launcher-watch", daemon=True).start()

@@ -1,0 +1,131 @@
+"""The trained and frozen models as FSDP2 roots, and their sharding.
+
+Each model runs inside a small ``nn.Module`` root whose forward returns plain tensors: FSDP2
+hooks the backward through the root's forward outputs, and the policy root runs the fused
+loss inside its forward so that the LM head is unsharded while the op reads it (FSDP2 does
+not reshard the root after forward). ``shard`` wraps each decoder block, then the root.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from oreo_fast.models import ValueModel
+from oreo_fast.ops import fused_linear_token_logprobs_kl_unchecked
+
+
+class PolicyWithLoss(nn.Module):
+    """The policy whose forward returns per-token (logp, ref_logp, kl) through the fused op."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask, position_ids, actions, action_mask,
+                ref_hidden=None, ref_weight=None, compute_kl=True, impl="auto"):
+        hidden = self.model.get_decoder()(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+        ).last_hidden_state[:, :-1]
+        weight = self.model.get_output_embeddings().weight
+        if ref_hidden is None:  # rft: the reference side is the policy itself, no KL
+            ref_hidden, ref_weight, compute_kl = hidden.detach(), weight.detach(), False
+        return fused_linear_token_logprobs_kl_unchecked(
+            hidden, weight, ref_hidden.to(hidden.dtype), ref_weight.to(weight.dtype),
+            actions, action_mask, compute_kl=compute_kl, impl=impl,
+        )
+
+
+class HiddenStates(nn.Module):
+    """The reference as an FSDP root: final-norm hidden states at the action positions."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask, position_ids):
+        return self.model.get_decoder()(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+        ).last_hidden_state[:, :-1]
+
+
+class Values(nn.Module):
+    """The value model as an FSDP root returning a plain tensor, V(s_t) for t < L - 1 (FSDP2
+    hooks the backward through the forward's output tensors)."""
+
+    def __init__(self, value_model: ValueModel):
+        super().__init__()
+        self.value_model = value_model
+
+    def forward(self, input_ids, attention_mask, position_ids):
+        values = self.value_model(input_ids, attention_mask=attention_mask,
+                                  position_ids=position_ids).values
+        return values[:, :-1].clone()  # not a view: FSDP2 hooks its backward on this tensor
+
+
+def decoder_blocks(model: nn.Module):
+    """The decoder's list of blocks (``.layers``), the unit FSDP2 shards one by one."""
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
+    layers = getattr(decoder, "layers", None)
+    if layers is None:
+        raise ValueError(f"{type(model).__name__}: no decoder .layers to shard")
+    return layers
+
+
+def mixed_precision(compute_dtype: torch.dtype, trained: bool):
+    """FSDP2 mixed precision: parameters cast to ``compute_dtype`` for compute, gradients
+    reduced in float32 (trained models; the frozen reference has none)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    if trained:
+        return MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
+    return MixedPrecisionPolicy(param_dtype=compute_dtype)
+
+
+def shard(module: nn.Module, model: nn.Module, mp_policy, ignored=None):
+    """FSDP2: each decoder block, then the root (``ignored`` parameters stay replicated)."""
+    from torch.distributed.fsdp import fully_shard
+
+    for block in decoder_blocks(model):
+        fully_shard(block, mp_policy=mp_policy)
+    fully_shard(module, mp_policy=mp_policy, ignored_params=ignored)
+
+
+def shard_frozen_reference(root: HiddenStates, compute_dtype: torch.dtype) -> None:
+    """The frozen reference: blocks sharded; embedding and LM head replicated, because the
+    fused loss reads the LM head whole."""
+    model = root.model
+    frozen = {model.get_output_embeddings().weight, model.get_input_embeddings().weight}
+    shard(root, model, mixed_precision(compute_dtype, trained=False), ignored=frozen)
+
+
+def attention_backend(requested: str, device: torch.device) -> str:
+    """``attn_implementation`` for the models: "auto" is flash_attention_2 on CUDA when
+    flash-attn is installed, sdpa otherwise."""
+    if requested != "auto":
+        return requested
+    if device.type != "cuda":
+        return "sdpa"
+    try:
+        import flash_attn  # noqa: F401
+    except ImportError:
+        return "sdpa"
+    return "flash_attention_2"
+
+
+def apply_liger(policy_dir: str, device: torch.device) -> None:
+    """Liger-Kernel's RMSNorm, RoPE and SwiGLU patches for the policy's architecture, applied
+    to the modelling classes before any model is built. Its cross-entropy patches stay off:
+    the fused OREO loss replaces the LM-head cross-entropy."""
+    import json
+    from pathlib import Path
+
+    if device.type != "cuda":
+        # Liger's kernels do not run under the Triton interpreter
+        raise RuntimeError("liger=true needs a CUDA device (Liger-Kernel's Triton kernels)")
+    try:
+        from liger_kernel.transformers import _apply_liger_kernel
+    except ImportError:
+        raise RuntimeError("liger=true needs the liger-kernel package") from None
+    model_type = json.loads((Path(policy_dir) / "config.json").read_text())["model_type"]
+    _apply_liger_kernel(model_type, rms_norm=True, rope=True, swiglu=True,
+                        cross_entropy=False, fused_linear_cross_entropy=False)
