@@ -10,9 +10,9 @@ import torch
 
 from oreo_fast.ops import reference
 from oreo_fast.ops.dispatch import resolve_impl
-from oreo_fast.ops.logits import (active_rows, default_chunk_rows, rows_backward_torch,
-                                  rows_forward_torch, token_logprobs_kl_unchecked,
-                                  upstream_grads)
+from oreo_fast.ops.logits import (active_rows, default_chunk_rows, mark_outputs,
+                                  rows_backward_torch, rows_forward_torch,
+                                  token_logprobs_kl_unchecked, upstream_grads)
 from oreo_fast.ops.validation import validate_fused_inputs
 
 
@@ -73,10 +73,7 @@ class _HiddenLevel(torch.autograd.Function):
         ctx.save_for_backward(hidden, weight, ref_hidden, ref_weight, actions, lse, ref_lse, kl,
                               b_idx, t_idx)
         ctx.impl, ctx.chunk_rows, ctx.block_v = impl, chunk_rows, block_v
-        ctx.compute_kl = compute_kl
-        ctx.mark_non_differentiable(ref_logp)
-        ctx.set_materialize_grads(False)  # an unused output's gradient stays None
-        return logp, ref_logp, kl
+        return mark_outputs(ctx, compute_kl, logp, ref_logp, kl)
 
     @staticmethod
     def backward(ctx, grad_logp, _grad_ref_logp, grad_kl):
@@ -85,7 +82,7 @@ class _HiddenLevel(torch.autograd.Function):
         grad_logp, grad_kl = upstream_grads(grad_logp, grad_kl, ctx.compute_kl, lse)
         grad_hidden = torch.zeros_like(hidden)
         # the weight gradient accumulates in float32 (float64 stays float64) across chunks
-        acc_dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
+        acc_dtype = reference.compute_dtype(weight.dtype)
         grad_weight = torch.zeros(weight.shape, dtype=acc_dtype, device=weight.device)
         for start in range(0, b_idx.numel(), ctx.chunk_rows):
             b, t = b_idx[start:start + ctx.chunk_rows], t_idx[start:start + ctx.chunk_rows]

@@ -92,6 +92,16 @@ def upstream_grads(grad_logp, grad_kl, compute_kl: bool, like: torch.Tensor):
     return grad_logp, grad_kl
 
 
+def mark_outputs(ctx, compute_kl: bool, logp, ref_logp, kl):
+    """What both per-token Functions tell autograd about their (logp, ref_logp, kl) outputs:
+    ref_logp has no gradient, and an unused output's gradient stays None (so the backward
+    skips what only it needs)."""
+    ctx.compute_kl = compute_kl
+    ctx.mark_non_differentiable(ref_logp)
+    ctx.set_materialize_grads(False)
+    return logp, ref_logp, kl
+
+
 class _LogitsLevel(torch.autograd.Function):
     """Forward saves the log-sum-exps and the KL per token; backward re-reads the logits."""
 
@@ -110,10 +120,7 @@ class _LogitsLevel(torch.autograd.Function):
             )
         ctx.save_for_backward(logits, ref_logits, actions, mask, lse, ref_lse, kl)
         ctx.impl, ctx.inplace_backward, ctx.block_v = impl, inplace_backward, block_v
-        ctx.compute_kl = compute_kl
-        ctx.mark_non_differentiable(ref_logp)
-        ctx.set_materialize_grads(False)  # an unused output's gradient stays None
-        return logp, ref_logp, kl
+        return mark_outputs(ctx, compute_kl, logp, ref_logp, kl)
 
     @staticmethod
     def backward(ctx, grad_logp, _grad_ref_logp, grad_kl):
