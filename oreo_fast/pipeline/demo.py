@@ -18,6 +18,7 @@ from oreo_fast.io import atomic_open, read_jsonl, write_json, write_jsonl
 from oreo_fast.models import load_policy
 from oreo_fast.pipeline.iterate import launch_training
 from oreo_fast.pipeline.sample import encode_problems
+from oreo_fast.pipeline.stats import paired_difference, summarize
 from oreo_fast.search.beam import SearchConfig
 from oreo_fast.search.evaluate import load_value, search_accuracy
 from oreo_fast.tasks.problems import load_problems
@@ -71,6 +72,7 @@ def demo_beam_search(run_dir, test_file, val_file, sweep_limit: int | None = Non
     for name, encoded in split.items():
         res = search_accuracy(policy, value, tokenizer, encoded, cfg, batch_size=50)
         out[name] = res["accuracy"]
+        out[f"{name}_correct"] = [int(p["correct"]) for p in res["predictions"]]
         out[f"{name}_pool_accuracy"] = res["pool_accuracy"]
         out[f"{name}_value_diagnostics"] = res["value_diagnostics"]
         out[f"{name}_tokens"] = {k: res[k] for k in ("policy_tokens", "value_tokens",
@@ -146,7 +148,7 @@ def run_demo(config: DemoConfig) -> dict:
                                    config.nproc, out / "oreo.log", config.threads))
 
     models = {"sft": out / "sft", "rft": out / "rft" / "policy", "oreo": out / "oreo" / "policy"}
-    accuracy, val_accuracy = {}, {}
+    accuracy, val_accuracy, test_correct = {}, {}, {}
     t0 = time.time()
     for name, path in models.items():
         for split, target, store in (("test", test, accuracy), ("val", val, val_accuracy)):
@@ -155,26 +157,46 @@ def run_demo(config: DemoConfig) -> dict:
             store[name] = report["greedy_accuracy"]
             if split == "test":
                 n_problems = report["n_problems"]
+                test_correct[name] = report["greedy_correct"]
     times["eval"] = round(time.time() - t0, 1)
     t0 = time.time()  # oreo_beam: value-guided beam search with OREO's policy and value
     beam = demo_beam_search(out / "oreo", test, val, sweep_limit=100)  # sweep: 100 problems
     accuracy["oreo_beam"], val_accuracy["oreo_beam"] = beam["test"], beam["val"]
+    test_correct["oreo_beam"] = beam.pop("test_correct")
+    beam.pop("val_correct")
     times["oreo_beam"] = round(time.time() - t0, 1)
     print(f"[demo] oreo_beam (B={beam['config']['beams']}, K={beam['config']['candidates']}) "
           f"test {beam['test']:.3f}, by B: {beam['sweep']['accuracy_by_beams']}", flush=True)
     import torch
+    import transformers
 
     results = {**accuracy, "n_problems": n_problems, "split": "test (held out)",
                "validation": val_accuracy, "oreo_beam_search": beam,
+               **uncertainty(test_correct),
                "samples_per_problem": config.samples_per_problem,
                "seconds": times, "oreo_overrides": config.oreo_overrides,
                "rft_overrides": config.rft_overrides, "nproc": config.nproc,
                "device": _device_name(),
-               "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}
+               "torch": torch.__version__, "transformers": transformers.__version__,
+               "date": time.strftime("%Y-%m-%d")}
     write_json(out / "results.json", results)
     _bar_chart(accuracy, out / "results.png")
     print(format_table(results))
     return results
+
+
+PAIRED = (("oreo", "rft"), ("oreo", "sft"), ("rft", "sft"), ("oreo_beam", "oreo"))
+
+
+def uncertainty(correct: dict[str, list[int]]) -> dict:
+    """Per method (one seed), the standard error of its test accuracy; per pair in
+    ``PAIRED``, the paired difference with a 95% bootstrap interval over problems."""
+    summaries = {name: summarize([c]) for name, c in correct.items()}
+    return {
+        "standard_errors": {name: s.se for name, s in summaries.items()},
+        "paired_differences": {f"{a} - {b}": paired_difference([correct[a]], [correct[b]])
+                               for a, b in PAIRED if a in correct and b in correct},
+    }
 
 
 def _device_name() -> str:
@@ -191,15 +213,21 @@ def _device_name() -> str:
 
 
 def format_table(results: dict) -> str:
-    rows = [("method", "test greedy acc", "val greedy acc")]
+    rows = [("method", "test greedy acc (± SE)", "val greedy acc")]
+    errors = results.get("standard_errors", {})
     for name in ("sft", "rft", "oreo", "oreo_beam"):
         if name in results:
-            rows.append((name.upper().replace("_", " + "), f"{results[name]:.3f}",
+            se = f" ± {errors[name]:.3f}" if name in errors else ""
+            rows.append((name.upper().replace("_", " + "), f"{results[name]:.3f}{se}",
                          f"{results['validation'].get(name, float('nan')):.3f}"))
     width = [max(len(r[i]) for r in rows) for i in range(3)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, width)) for r in rows]
     lines.insert(1, "  ".join("-" * w for w in width))
-    return "\n".join(lines) + f"\n({results['n_problems']} held-out test problems)"
+    for pair, d in results.get("paired_differences", {}).items():
+        verdict = "excludes 0" if d["excludes_zero"] else "includes 0"
+        lines.append(f"{pair}: {d['difference']:+.3f}, 95% interval [{d['low']:+.3f}, "
+                     f"{d['high']:+.3f}] ({verdict})")
+    return "\n".join(lines) + f"\n({results['n_problems']} held-out test problems, one seed)"
 
 
 def _bar_chart(accuracy: dict, path: Path) -> None:

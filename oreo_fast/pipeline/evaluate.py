@@ -101,6 +101,8 @@ def run_eval(config: EvalConfig) -> dict:
     report = {
         "model": str(config.model), "problems": str(config.problems), "n_problems": n,
         "dropped_prompts": dropped, "greedy_accuracy": greedy_correct / max(n, 1),
+        # per problem, in file order: what paired comparisons between models need
+        "greedy_correct": [int(p["correct"]) for p in predictions],
     }
     if config.n_samples > 0:
         sampling = SamplingConfig.of(config)
