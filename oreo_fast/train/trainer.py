@@ -40,7 +40,7 @@ class Trainer:
         self.config = cfg = config
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
-        self.runtime = set_up(cfg.dtype, cfg.collective_timeout_s)
+        self.runtime = set_up(cfg.dtype, cfg.collective_timeout_s, cfg.device)
         self.device, self.rank = self.runtime.device, self.runtime.rank
         self.world_size = self.runtime.world_size
         self.output_dir = Path(cfg.output_dir)
@@ -50,14 +50,13 @@ class Trainer:
         if cfg.liger:
             apply_liger(cfg.policy, self.device)
         self.checkpointer = Checkpointer(cfg, self.output_dir, self.runtime, self.tokenizer)
-        load_kwargs = dict(dtype=torch.float32, trust_remote_code=cfg.trust_remote_code,
+        load_kwargs = dict(device=self.device, dtype=torch.float32,
+                           trust_remote_code=cfg.trust_remote_code,
                            attn_implementation=attention_backend(cfg.attn_implementation,
                                                                  self.device))
         self.algorithm = build_step(cfg, *self.checkpointer.model_inits(), load_kwargs,
                                     self.runtime.compute_dtype)
-        trained = self.algorithm.trained
-        for module in trained + self.algorithm.frozen:
-            module.to(self.device)
+        trained = self.algorithm.trained  # already on self.device (models.load_model)
         if self.runtime.use_fsdp:
             self.algorithm.shard(self.runtime.compute_dtype)
         lrs = (cfg.policy_lr, cfg.value_lr)
