@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -35,8 +36,32 @@ def launch_training(overrides: list[str], nproc: int, log_path: Path, threads: i
     with open(log_path, "w", encoding="utf-8") as log:
         proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
     if proc.returncode != 0:
-        tail = log_path.read_text(encoding="utf-8", errors="replace")[-4000:]
-        raise RuntimeError(f"training failed (exit {proc.returncode}); {log_path}:\n{tail}")
+        text = log_path.read_text(encoding="utf-8", errors="replace")
+        raise RuntimeError(f"{describe_failure(proc.returncode, text, overrides)}; "
+                           f"{log_path}:\n{text[-4000:]}")
+
+
+# torchrun's failure report: "rank      : 1 (local_rank: 1)" then "exitcode  : -9 (pid: ...)"
+_KILLED_RANK = re.compile(r"rank\s*:\s*(\d+)[^\n]*\n\s*exitcode\s*:\s*-9\b")
+
+
+def describe_failure(returncode: int, log_text: str, overrides: list[str]) -> str:
+    """One line on a failed training run. A worker killed by SIGKILL (exit -9, from torchrun
+    or the process itself) is named, with the knobs that lower its memory: the usual sender
+    is the kernel's out-of-memory killer."""
+    ranks = sorted({int(r) for r in _KILLED_RANK.findall(log_text)})
+    if not ranks and returncode not in (-9, 137):
+        return f"training failed (exit {returncode})"
+    who = f"rank{'s' if len(ranks) > 1 else ''} {', '.join(map(str, ranks))}" if ranks \
+        else "the training process"
+    settings = dict(o.split("=", 1) for o in overrides if "=" in o)
+    micro = settings.get("micro_batch_size", "8 (the default)")
+    checkpointing = settings.get("gradient_checkpointing", "false")
+    return (f"training failed: {who} killed by SIGKILL (exit -9), most likely out of memory; "
+            f"lower micro_batch_size (now {micro})"
+            + ("" if checkpointing.lower() in ("true", "1", "yes") else
+               " or set gradient_checkpointing=true")
+            + ", or train on more processes (FSDP2 shards parameters, gradients and Adam)")
 
 
 @dataclass

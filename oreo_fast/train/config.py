@@ -53,6 +53,10 @@ class TrainConfig:
     dtype: str = "auto"  # "auto": bf16 compute with fp32 master weights on CUDA, fp32 on CPU
     impl: str = "auto"  # loss implementation (see oreo_fast.ops)
     gradient_checkpointing: bool = False
+    # FSDP2: gradients reduce-scattered after every micro-batch and accumulated sharded (the
+    # default), or held unsharded until the step's last micro-batch (true: fewer collectives,
+    # a whole model's gradients per rank)
+    accumulate_unsharded: bool = False
     liger: bool = False  # Liger-Kernel patches (RMSNorm, RoPE, SwiGLU) when installed
     attn_implementation: str = "auto"  # "auto": flash_attention_2 when installed, else sdpa
     save_every: int = 0  # optimizer steps between checkpoints (output_dir/checkpoints); 0 = none

@@ -93,7 +93,8 @@ class Trainer:
         totals: dict[str, torch.Tensor] = {}
         tokens = 0
         for i, micro in enumerate(micro_batches):
-            if self.runtime.use_fsdp:
+            if self.runtime.use_fsdp and cfg.accumulate_unsharded:
+                # one reduce-scatter per step, full-size gradients held until the last one
                 for module in trained:
                     module.set_requires_gradient_sync(i == len(micro_batches) - 1)
             batch = collate_examples([None if j is None else self.examples[j] for j in micro],
@@ -229,6 +230,13 @@ def main(argv: list[str] | None = None) -> int:
         rank = os.environ.get("RANK")
         print(f"oreo-fast train: error{f' (rank {rank})' if rank else ''}: {e}", file=sys.stderr)
         sys.exit(2)
+    except torch.OutOfMemoryError as e:
+        rank = os.environ.get("RANK")
+        first = str(e).strip().splitlines()[0] if str(e).strip() else "out of memory"
+        print(f"oreo-fast train: error{f' (rank {rank})' if rank else ''}: out of memory "
+              f"({first[:200]}); lower micro_batch_size (now {config.micro_batch_size}) or set "
+              "gradient_checkpointing=true, or train on more GPUs", file=sys.stderr)
+        sys.exit(3)
     if trainer.rank == 0:
         print(json.dumps({k: v for k, v in summary.items() if k != "final"}))
     if dist.is_initialized():
