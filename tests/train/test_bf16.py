@@ -4,8 +4,9 @@ fused loss in bf16 at Qwen's vocabulary (V = 151,936); the cascade search in bf1
 tests/search/test_bf16_search.py.
 
 Tolerances (stated here and in the README; measured values in the comments):
-- trainer: per-step losses within 2e-2 relative of float32; the parameter change after two
-  steps within 10% (relative L2) of float32's change.
+- trainer: per-step losses within 5e-3 relative of float32 (measured 2e-4); the policy's parameter change
+  after two steps (all parameters together) within 10% (relative L2) of float32's change
+  (measured 4.6% on 1 process).
 - fused loss: log-probs and KL within 0.02 absolute of the float32 op on the same
   bf16-rounded inputs (measured: 0.0076 and 0.0017 at most; bf16 logits carry ~0.4%
   relative rounding), gradients within 1% relative L2 (measured 0.23% and 0.20%).
@@ -49,24 +50,36 @@ def _torchrun(root, out, n, dtype):
 def _check_close(rows, params, rows32, params32, init):
     assert len(rows) == len(rows32) == 2
     for a, b in zip(rows, rows32):
-        assert a["loss"] == pytest.approx(b["loss"], rel=2e-2)
+        assert a["loss"] == pytest.approx(b["loss"], rel=5e-3)
         assert a["skipped"] == 0
-    changed = 0
-    for k in params32:
-        moved32 = params32[k] - init[k]
-        if moved32.norm() > 0:
-            changed += 1
-            assert rel_l2(params[k] - init[k], moved32) < 0.10, k
-    assert changed > 0
+    # all parameters together: Adam turns a near-zero gradient (the key biases', zero in
+    # exact arithmetic: softmax ignores a shift shared by all keys) into a full-size step of
+    # arbitrary sign, so tensor-by-tensor comparisons would measure rounding noise
+    moved = torch.cat([(params[k] - init[k]).flatten() for k in params32])
+    moved32 = torch.cat([(params32[k] - init[k]).flatten() for k in params32])
+    assert moved32.norm() > 0
+    print("bf16 vs fp32 policy update rel L2", rel_l2(moved, moved32), "losses",
+          [(a["loss"], b["loss"]) for a, b in zip(rows, rows32)])
+    assert rel_l2(moved, moved32) < 0.10
 
 
 def test_trainer_bf16_one_process_close_to_fp32(tiny):
     root, _, _ = tiny
     init = load_policy(root / "policy").state_dict()
     rows32, params32 = _fit(_config(root, output_dir=str(root / "fp32")))
-    rows, params = _fit(_config(root, dtype="bfloat16", output_dir=str(root / "bf16")))
+    config = _config(root, dtype="bfloat16", output_dir=str(root / "bf16"))
+    trainer = Trainer(config)
+    computed_in = []
+    mlp = trainer.algorithm.policy.model.model.layers[0].mlp
+    mlp.register_forward_pre_hook(lambda m, a: computed_in.append(m.gate_proj.weight.dtype))
+    trainer.fit()
+    rows = [json.loads(l) for l in open(os.path.join(config.output_dir, "metrics.jsonl"))]
+    params = load_policy(os.path.join(config.output_dir, "policy")).state_dict()
     _check_close(rows, params, rows32, params32, init)
-    assert all(p.dtype == torch.float32 for p in params.values())  # fp32 master weights
+    # bf16 compute, fp32 master weights (what the optimizer steps) for both trained models
+    assert computed_in and set(computed_in) == {torch.bfloat16}
+    for module in trainer.algorithm.trained:
+        assert {p.dtype for p in module.parameters()} == {torch.float32}
 
 
 @pytest.mark.slow
