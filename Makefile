@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: setup test demo bench clean
+.PHONY: setup test demo bench gpu-check clean
 
 $(VENV)/.installed: setup.py pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,12 @@ demo: setup
 
 bench: setup
 	$(PY) -m pytest -q benchmarks --benchmark-only
+
+# on a CUDA machine: install the CUDA torch (TORCH_SPEC), liger-kernel and flash-attn (wheel
+# only), run the gpu tests, one FSDP2 nccl step, the pipeline and the benchmarks on CUDA, in
+# at most 9 minutes; writes runs/gpu_check/gpu_check.json. Without CUDA: a dry run, exit 0.
+gpu-check: setup
+	$(PY) scripts/gpu_check.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .benchmarks

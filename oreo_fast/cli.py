@@ -68,9 +68,10 @@ def build_parser() -> argparse.ArgumentParser:
         prog="oreo-fast", description="OREO pipeline: embedded task and model, SFT, sampling, "
         "evaluation, OREO and RFT training, iterative OREO, the demo.")
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="CPU threads for torch (default: 1; tiny models run fastest on "
-                        "one thread, especially on a shared machine; 0 keeps torch's default)")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="CPU threads for torch (default 0: torch's default, or "
+                        "OMP_NUM_THREADS when set; the demo alone defaults to 1, the tiny "
+                        "model's fastest)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("task", help="write synthetic train/test problem files (GSM8K shape)",

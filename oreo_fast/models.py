@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from oreo_fast.config import reject, require_at_least
-from oreo_fast.errors import ModelDirError
+from oreo_fast.errors import ConfigError, ModelDirError
 from oreo_fast.io import atomic_dir
 from oreo_fast.tokenizer import tokenizer_signature
 
@@ -105,11 +105,16 @@ class TinyModelConfig:
             reject(self, "num_attention_heads", "must divide hidden_size")
 
 
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+          "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+
+
 def _dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
     if dtype is None or isinstance(dtype, torch.dtype):
         return dtype
-    return {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-            "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}[dtype]
+    if dtype not in DTYPES:
+        raise ConfigError(f"dtype: must be auto or one of {sorted(DTYPES)} (got {dtype!r})")
+    return DTYPES[dtype]
 
 
 def build_tiny_model(tokenizer, cfg: TinyModelConfig | None = None):
@@ -135,6 +140,68 @@ def build_tiny_model(tokenizer, cfg: TinyModelConfig | None = None):
     model = Qwen2ForCausalLM(config)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model.eval()
+
+
+# ------------------------------------------------------------------ device and dtype
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """``"auto"``: the current CUDA device when CUDA is present, else the CPU. Any other
+    value is a torch device string ("cpu", "cuda", "cuda:1", "meta"); asking for CUDA
+    where there is none is a :class:`ConfigError`, not a crash deep inside a job."""
+    if isinstance(device, torch.device):
+        return device
+    if device == "auto":
+        return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
+            else torch.device("cpu")
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"device: not a torch device (got {device!r})") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device: {device!r} asked for but no CUDA device is present "
+                          "(use device=cpu or auto)")
+    return resolved
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """``"auto"`` (or None): bfloat16 on CUDA, float32 elsewhere; else the named dtype."""
+    if dtype is None or dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return _dtype(dtype)
+
+
+def check_device_and_dtype(config) -> None:
+    """Config check shared by the jobs: ``config.device`` and ``config.dtype`` valid."""
+    if config.dtype != "auto" and config.dtype not in DTYPES:
+        reject(config, "dtype", f"must be auto or one of {sorted(DTYPES)}")
+    if config.device != "auto":
+        resolve_device(config.device)
+
+
+def place(model, device: torch.device):
+    """Move a loaded model onto ``device`` (the one move every job's model goes through)."""
+    return model.to(device)
+
+
+def load_model(path: str | os.PathLike, *, value: bool = False,
+               device: str | torch.device = "auto", dtype: str | torch.dtype | None = "auto",
+               trust_remote_code: bool = False, attn_implementation: str = "sdpa"):
+    """The one loader of every job: a policy (``AutoModelForCausalLM``) or, with ``value``,
+    a :class:`ValueModel`, read in ``dtype`` (resolved for the device: "auto" is bf16 on
+    CUDA and fp32 on CPU) and moved onto ``device`` ("auto": CUDA when present)."""
+    where = resolve_device(device)
+    kind = resolve_dtype(dtype, where)
+    if value:
+        model = ValueModel.from_pretrained(path, kind, trust_remote_code, attn_implementation)
+    else:
+        model = load_policy(path, kind, trust_remote_code, attn_implementation)
+    return place(model, where)
+
+
+def model_device(model) -> torch.device:
+    """The device a loaded model's parameters are on."""
+    return next(model.parameters()).device
 
 
 def load_policy(path: str | os.PathLike, dtype: str | torch.dtype | None = "float32",

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from oreo_fast.config import require_at_least
 from oreo_fast.io import atomic_open, read_jsonl, write_json, write_jsonl
-from oreo_fast.models import load_policy
+from oreo_fast.models import check_device_and_dtype, load_model, resolve_device
 from oreo_fast.pipeline.iterate import launch_training
 from oreo_fast.pipeline.sample import encode_problems
 from oreo_fast.pipeline.stats import paired_difference, summarize
@@ -40,13 +40,16 @@ class DemoConfig:
     samples_per_problem: int = 8  # sampled responses per training problem
     n_val: int = 1000  # fresh problems to choose knobs on (never the test split)
     nproc: int = 2  # OREO training processes (torchrun)
-    threads: int = 1  # torch threads per process
+    threads: int = 1  # torch threads per process (1: the tiny model's fastest, measured)
+    device: str = "auto"  # every stage: "auto" (CUDA when present), cpu, cuda
+    dtype: str = "auto"  # sampling, eval and search ("auto": bf16 on CUDA, fp32 on CPU)
     reuse: bool = False  # keep finished stages of an earlier run in out
     oreo_overrides: list[str] = field(default_factory=lambda: list(OREO_OVERRIDES))
     rft_overrides: list[str] = field(default_factory=lambda: list(RFT_OVERRIDES))
 
     def __post_init__(self):
         require_at_least(self, 1, "samples_per_problem", "n_val", "nproc", "threads")
+        check_device_and_dtype(self)
 
 
 # The demo's search knobs: B = 7 as in the paper's main results, K = 4 candidates per beam,
@@ -56,14 +59,15 @@ DEMO_SEARCH = dict(beams=7, candidates=4, max_steps=10, max_step_tokens=24, temp
 DEMO_SWEEP_BEAMS = (1, 3, 5, 7)  # the paper's Figure 3
 
 
-def demo_beam_search(run_dir, test_file, val_file, sweep_limit: int | None = None) -> dict:
+def demo_beam_search(run_dir, test_file, val_file, sweep_limit: int | None = None,
+                     device: str = "auto", dtype: str = "auto") -> dict:
     """The demo's "oreo_beam" stage: value-guided beam search with the OREO policy and value
     model in ``run_dir`` on the test and validation problems, and a sweep over B (K fixed)
     on the first ``sweep_limit`` test problems (all when None)."""
     run_dir = Path(run_dir)
     tokenizer = load_tokenizer(run_dir / "policy")
-    policy = load_policy(run_dir / "policy")
-    value = load_value(str(run_dir / "value"), policy, tokenizer)
+    policy = load_model(run_dir / "policy", device=device, dtype=dtype)
+    value = load_value(str(run_dir / "value"), policy, tokenizer, device, dtype)
     split = {}
     for name, path in (("test", test_file), ("val", val_file)):
         split[name] = encode_problems(tokenizer, load_problems(path), 512, False, str(path))[0]
@@ -132,13 +136,15 @@ def run_demo(config: DemoConfig) -> dict:
 
     _stage("embedded default", default / "val.jsonl", config.reuse, times, build)
     train, val, test = default / "train.jsonl", default / "val.jsonl", default / "test.jsonl"
+    on = dict(device=config.device, dtype=config.dtype)
     _stage("sft", out / "sft" / "config.json", config.reuse, times, lambda: run_sft(
-        SFTConfig(model=str(default / "model"), train=str(train), out=str(out / "sft"))))
+        SFTConfig(model=str(default / "model"), train=str(train), out=str(out / "sft"), **on)))
     trajectories = out / "trajectories.jsonl"
     _stage("sample", trajectories, config.reuse, times, lambda: run_sample(SampleConfig(
         model=str(out / "sft"), problems=str(train), out=str(trajectories),
-        k=config.samples_per_problem)))
-    common = [f"policy={out / 'sft'}", f"train_file={trajectories}"]
+        k=config.samples_per_problem, **on)))
+    common = [f"policy={out / 'sft'}", f"train_file={trajectories}",
+              f"device={resolve_device(config.device).type}"]
     _stage("rft", out / "rft" / "policy" / "config.json", config.reuse, times,
            lambda: launch_training(common + ["algorithm=rft", f"output_dir={out / 'rft'}",
                                              *config.rft_overrides],
@@ -153,14 +159,15 @@ def run_demo(config: DemoConfig) -> dict:
     for name, path in models.items():
         for split, target, store in (("test", test, accuracy), ("val", val, val_accuracy)):
             report = run_eval(EvalConfig(model=str(path), problems=str(target), n_samples=0,
-                                         out=str(out / f"eval_{name}_{split}.json")))
+                                         out=str(out / f"eval_{name}_{split}.json"), **on))
             store[name] = report["greedy_accuracy"]
             if split == "test":
                 n_problems = report["n_problems"]
                 test_correct[name] = report["greedy_correct"]
     times["eval"] = round(time.time() - t0, 1)
     t0 = time.time()  # oreo_beam: value-guided beam search with OREO's policy and value
-    beam = demo_beam_search(out / "oreo", test, val, sweep_limit=100)  # sweep: 100 problems
+    beam = demo_beam_search(out / "oreo", test, val, sweep_limit=100,  # sweep: 100 problems
+                            **on)
     accuracy["oreo_beam"], val_accuracy["oreo_beam"] = beam["test"], beam["val"]
     test_correct["oreo_beam"] = beam.pop("test_correct")
     beam.pop("val_correct")

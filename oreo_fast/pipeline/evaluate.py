@@ -18,7 +18,7 @@ from oreo_fast.sampling import SamplingConfig, check_sampling
 from oreo_fast.search.beam import SearchConfig, check_kv_sharing
 from oreo_fast.search.evaluate import best_of_n_accuracy, load_value, search_accuracy
 from oreo_fast.io import write_json, write_jsonl
-from oreo_fast.models import load_policy
+from oreo_fast.models import check_device_and_dtype, load_model
 from oreo_fast.pipeline.sample import encode_problems, generate_responses
 from oreo_fast.tasks.problems import extract_answer, is_correct, load_problems
 from oreo_fast.tokenizer import load_tokenizer
@@ -42,7 +42,8 @@ class EvalConfig:
     limit: int | None = None
     predictions: str | None = None  # optional JSONL of every greedy response
     seed: int = 0
-    dtype: str = "float32"
+    device: str = "auto"  # "auto": CUDA when present, else cpu; or any torch device
+    dtype: str = "auto"  # "auto": bfloat16 on CUDA, float32 on CPU
     trust_remote_code: bool = False
     # value-guided search (oreo_fast.search.beam); needs --value
     value: str | None = None  # value model folder (OREO's output_dir/value)
@@ -59,6 +60,7 @@ class EvalConfig:
         require_at_least(self, 0, "n_samples", "beams", "best_of")
         require_at_least(self, 1, "batch_size", "max_prompt_length", "search_batch_size")
         check_sampling(self)
+        check_device_and_dtype(self)
         if (self.beams or self.best_of) and not self.value:
             reject(self, "value", "--beams and --best-of need --value (a value model folder)")
         if self.beams:
@@ -79,10 +81,11 @@ def run_eval(config: EvalConfig) -> dict:
     """Evaluate ``config.model`` on ``config.problems``; write and return the report."""
     t0 = time.time()
     tokenizer = load_tokenizer(config.model, config.trust_remote_code)
-    model = load_policy(config.model, config.dtype, config.trust_remote_code)
+    model = load_model(config.model, device=config.device, dtype=config.dtype,
+                       trust_remote_code=config.trust_remote_code)
     value = None
     if config.value and (config.beams or config.best_of):  # checked before any decoding
-        value = load_value(config.value, model, tokenizer, config.dtype,
+        value = load_value(config.value, model, tokenizer, config.device, config.dtype,
                            config.trust_remote_code)
     problems = load_problems(config.problems, config.limit)
     encoded, dropped = encode_problems(tokenizer, problems, config.max_prompt_length,

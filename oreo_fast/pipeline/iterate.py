@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -16,24 +17,51 @@ from pathlib import Path
 
 from oreo_fast.config import require_at_least, require_choice
 from oreo_fast.io import write_json
+from oreo_fast.models import check_device_and_dtype, resolve_device
 from oreo_fast.sampling import check_sampling
 
 
-def launch_training(overrides: list[str], nproc: int, log_path: Path, threads: int = 1) -> None:
+def launch_training(overrides: list[str], nproc: int, log_path: Path, threads: int = 0) -> None:
     """Run ``python -m oreo_fast.train`` in a subprocess: through torchrun when nproc > 1. The log goes
-    to ``log_path``; a failure raises with the end of the log."""
+    to ``log_path``; a failure raises with the end of the log. ``threads`` > 0 sets
+    OMP_NUM_THREADS for the workers; 0 leaves the environment's (torchrun sets 1 per worker
+    when nothing is set)."""
     if nproc > 1:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                f"--nproc_per_node={nproc}", "-m", "oreo_fast.train", *overrides]
     else:
         cmd = [sys.executable, "-m", "oreo_fast.train", *overrides]
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+    env = dict(os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {}))
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "w", encoding="utf-8") as log:
         proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
     if proc.returncode != 0:
-        tail = log_path.read_text(encoding="utf-8", errors="replace")[-4000:]
-        raise RuntimeError(f"training failed (exit {proc.returncode}); {log_path}:\n{tail}")
+        text = log_path.read_text(encoding="utf-8", errors="replace")
+        raise RuntimeError(f"{describe_failure(proc.returncode, text, overrides)}; "
+                           f"{log_path}:\n{text[-4000:]}")
+
+
+# torchrun's failure report: "rank      : 1 (local_rank: 1)" then "exitcode  : -9 (pid: ...)"
+_KILLED_RANK = re.compile(r"rank\s*:\s*(\d+)[^\n]*\n\s*exitcode\s*:\s*-9\b")
+
+
+def describe_failure(returncode: int, log_text: str, overrides: list[str]) -> str:
+    """One line on a failed training run. A worker killed by SIGKILL (exit -9, from torchrun
+    or the process itself) is named, with the knobs that lower its memory: the usual sender
+    is the kernel's out-of-memory killer."""
+    ranks = sorted({int(r) for r in _KILLED_RANK.findall(log_text)})
+    if not ranks and returncode not in (-9, 137):
+        return f"training failed (exit {returncode})"
+    who = f"rank{'s' if len(ranks) > 1 else ''} {', '.join(map(str, ranks))}" if ranks \
+        else "the training process"
+    settings = dict(o.split("=", 1) for o in overrides if "=" in o)
+    micro = settings.get("micro_batch_size", "8 (the default)")
+    checkpointing = settings.get("gradient_checkpointing", "false")
+    return (f"training failed: {who} killed by SIGKILL (exit -9), most likely out of memory; "
+            f"lower micro_batch_size (now {micro})"
+            + ("" if checkpointing.lower() in ("true", "1", "yes") else
+               " or set gradient_checkpointing=true")
+            + ", or train on more processes (FSDP2 shards parameters, gradients and Adam)")
 
 
 @dataclass
@@ -48,12 +76,16 @@ class IterateConfig:
     reference: str = "previous"  # "previous": the round's starting policy; "initial": policy
     eval_problems: str = ""  # evaluated (greedy) after every round when given
     nproc: int = 1  # training processes (torchrun when > 1)
-    threads: int = 1
+    threads: int = 0  # CPU threads per training process (0: OMP_NUM_THREADS or torch's default)
+    device: str = "auto"  # sampling, eval and training: "auto" (CUDA when present), cpu, cuda
+    dtype: str = "auto"  # sampling and eval; "auto": bfloat16 on CUDA, float32 on CPU
     seed: int = 0
     train_overrides: list[str] = field(default_factory=list)  # key=value for the trainer (TrainConfig)
 
     def __post_init__(self):
-        require_at_least(self, 1, "rounds", "k", "max_new_tokens", "nproc", "threads")
+        require_at_least(self, 1, "rounds", "k", "max_new_tokens", "nproc")
+        require_at_least(self, 0, "threads")
+        check_device_and_dtype(self)
         require_choice(self, "reference", ("previous", "initial"))
         check_sampling(self)
 
@@ -71,10 +103,11 @@ def run_iterate(config: IterateConfig) -> dict:
         trajectories = run_sample(SampleConfig(
             model=str(policy), problems=config.problems, out=str(folder / "trajectories.jsonl"),
             k=config.k, temperature=config.temperature, max_new_tokens=config.max_new_tokens,
-            seed=config.seed + r))
+            seed=config.seed + r, device=config.device, dtype=config.dtype))
         reference = policy if config.reference == "previous" else Path(config.policy)
         overrides = [f"policy={policy}", f"reference={reference}", f"train_file={trajectories}",
                      f"output_dir={folder}", f"seed={config.seed + r}", "progress=false",
+                     f"device={resolve_device(config.device).type}",
                      *([f"value={value}"] if value else []), *config.train_overrides]
         launch_training(overrides, config.nproc, folder / "train.log", config.threads)
         policy, value = folder / "policy", folder / "value"
@@ -83,7 +116,8 @@ def run_iterate(config: IterateConfig) -> dict:
                "seconds": time.time() - t0}
         if config.eval_problems:
             report = run_eval(EvalConfig(model=str(policy), problems=config.eval_problems,
-                                         out=str(folder / "eval.json"), n_samples=0))
+                                         out=str(folder / "eval.json"), n_samples=0,
+                                         device=config.device, dtype=config.dtype))
             row["greedy_accuracy"] = report["greedy_accuracy"]
         rounds.append(row)
         write_json(out / "iterate.json", {"config": asdict(config), "rounds": rounds})

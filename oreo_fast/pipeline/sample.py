@@ -17,7 +17,7 @@ import torch
 from oreo_fast.config import require_at_least
 from oreo_fast.sampling import SamplingConfig, check_sampling, generate
 from oreo_fast.io import write_json, write_jsonl
-from oreo_fast.models import load_policy, stop_token_ids
+from oreo_fast.models import check_device_and_dtype, load_model, stop_token_ids
 from oreo_fast.tasks.problems import Problem, extract_answer, is_correct, load_problems
 from oreo_fast.tokenizer import drop_long, encode_pair, load_tokenizer
 from oreo_fast.pipeline.trajectories import balance
@@ -41,12 +41,14 @@ class SampleConfig:
     strict: bool = False
     limit: int | None = None
     seed: int = 0
-    dtype: str = "float32"
+    device: str = "auto"  # "auto": CUDA when present, else cpu; or any torch device
+    dtype: str = "auto"  # "auto": bfloat16 on CUDA, float32 on CPU
     trust_remote_code: bool = False
 
     def __post_init__(self):
         require_at_least(self, 1, "k", "batch_size", "max_prompt_length", "balance", "limit")
         check_sampling(self)
+        check_device_and_dtype(self)
 
 
 def encode_problems(tokenizer, problems: list[Problem], max_prompt_length: int, strict: bool,
@@ -89,7 +91,8 @@ def run_sample(config: SampleConfig) -> Path:
     counts, reward rate, tokens/s and config. Returns the trajectory path."""
     t0 = time.time()
     tokenizer = load_tokenizer(config.model, config.trust_remote_code)
-    model = load_policy(config.model, config.dtype, config.trust_remote_code)
+    model = load_model(config.model, device=config.device, dtype=config.dtype,
+                       trust_remote_code=config.trust_remote_code)
     problems = load_problems(config.problems, config.limit)
     encoded, dropped = encode_problems(tokenizer, problems, config.max_prompt_length,
                                        config.strict, config.problems)

@@ -1,5 +1,13 @@
 """Supervised fine-tuning: cross-entropy on the response tokens only.
 
+The loss goes through the fused hidden-level op (``oreo_fast.ops``,
+``fused_linear_token_logprobs_kl`` with ``compute_kl=False`` and the policy itself standing
+in for the reference, as RFT does): the LM head is applied a chunk of tokens at a time, so
+no [B, L, V] logits exist. A batch runs as micro-batches of ``micro_batch_size`` sequences
+whose gradients accumulate, each normalised by the whole batch's response tokens, so the
+step is the same whatever the split. Master weights stay float32; ``dtype`` is the compute
+dtype (bf16 on CUDA by default: the decoder under autocast, the LM head cast for the op).
+
 The result is the policy that is both the frozen reference pi_ref and the starting point of
 OREO. Examples are problems (their gold solution is the response) read from a GSM8K- or
 MATH-shaped JSONL file; each becomes prompt + solution + EOS, the loss masking the prompt.
@@ -16,7 +24,9 @@ from pathlib import Path
 import torch
 
 from oreo_fast.config import require_at_least, require_finite
-from oreo_fast.models import load_policy, save_model
+from oreo_fast.models import (check_device_and_dtype, load_model, model_device, resolve_device,
+                              resolve_dtype, save_model)
+from oreo_fast.ops import fused_linear_token_logprobs_kl
 from oreo_fast.tasks.problems import load_problems
 from oreo_fast.tokenizer import drop_long, encode_pair, load_tokenizer
 from oreo_fast.train.schedule import cosine_with_warmup
@@ -32,6 +42,7 @@ class SFTConfig:
     out: str  # checkpoint folder to write
     epochs: float = 8.0
     batch_size: int = 32
+    micro_batch_size: int = 0  # sequences per forward, gradients accumulated (0: batch_size)
     lr: float = 2e-3
     min_lr_ratio: float = 0.1  # cosine decay ends at lr * min_lr_ratio
     warmup_steps: int = 20
@@ -43,14 +54,16 @@ class SFTConfig:
     log_every: int = 20
     eval_examples: int = 256  # loss measured on this many training examples, before and after
     seed: int = 0
-    dtype: str = "float32"
+    device: str = "auto"  # "auto": CUDA when present, else cpu; or any torch device
+    dtype: str = "auto"  # compute dtype; "auto": bfloat16 on CUDA, float32 on CPU
     trust_remote_code: bool = False
 
     def __post_init__(self):
         require_finite(self, "epochs", "lr", positive=True)
         require_finite(self, "min_lr_ratio", "weight_decay", "grad_clip", minimum=0)
         require_at_least(self, 1, "batch_size", "max_length", "limit", "log_every")
-        require_at_least(self, 0, "warmup_steps", "eval_examples")
+        require_at_least(self, 0, "warmup_steps", "eval_examples", "micro_batch_size")
+        check_device_and_dtype(self)
 
 
 def build_examples(tokenizer, problems, max_length: int, strict: bool = False,
@@ -75,26 +88,59 @@ def collate_sft_batch(examples: list[tuple[list[int], int]], pad_id: int):
     return input_ids, attention, labels
 
 
-def response_loss(model, input_ids, attention, labels) -> tuple[torch.Tensor, int]:
-    """Mean cross-entropy over response tokens, and how many there were."""
-    logits = model(input_ids=input_ids, attention_mask=attention).logits[:, :-1]
+def response_nll_sum(model, input_ids, attention, labels,
+                     compute_dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, int]:
+    """Summed cross-entropy over response tokens (float32), and how many there were: the
+    decoder's hidden states through the fused LM-head op, never the [B, L, V] logits."""
+    device = model_device(model)
+    input_ids, attention, labels = (t.to(device) for t in (input_ids, attention, labels))
+    with torch.autocast(device.type, dtype=compute_dtype,
+                        enabled=compute_dtype != torch.float32):
+        hidden = model.get_decoder()(input_ids=input_ids,
+                                     attention_mask=attention).last_hidden_state[:, :-1]
     targets = labels[:, 1:]
-    n = int((targets != IGNORE).sum())
-    loss = torch.nn.functional.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
-        ignore_index=IGNORE, reduction="sum")
-    return loss / max(n, 1), n
+    mask = targets != IGNORE
+    weight = model.get_output_embeddings().weight
+    hidden, weight = hidden.to(compute_dtype), weight.to(compute_dtype)
+    # compute_kl=False with the policy as its own "reference": only logp is used
+    logp, _, _ = fused_linear_token_logprobs_kl(
+        hidden, weight, hidden.detach(), weight.detach(), targets.clamp(min=0), mask,
+        compute_kl=False)
+    return -(logp.float() * mask).sum(), int(mask.sum())
+
+
+def micro_batches(examples: list, size: int) -> list[list]:
+    """``examples`` in consecutive groups of ``size`` (0: one group)."""
+    size = size or len(examples)
+    return [examples[i:i + size] for i in range(0, len(examples), size)]
+
+
+def sft_step_loss(model, batch: list, pad_id: int, micro_batch_size: int,
+                  compute_dtype: torch.dtype = torch.float32) -> float:
+    """Backward of the batch's mean response cross-entropy, one micro-batch at a time
+    (each normalised by the whole batch's response-token count, so the accumulated gradient
+    is the full batch's); returns that mean."""
+    groups = [collate_sft_batch(group, pad_id) for group in micro_batches(batch, micro_batch_size)]
+    n_total = sum(int((labels[:, 1:] != IGNORE).sum()) for _, _, labels in groups)
+    total = 0.0
+    for group in groups:
+        nll, _ = response_nll_sum(model, *group, compute_dtype)
+        loss = nll / max(n_total, 1)
+        loss.backward()
+        total += loss.item()
+    return total
 
 
 @torch.no_grad()
-def mean_loss(model, examples, pad_id: int, batch_size: int = 64) -> float:
+def mean_loss(model, examples, pad_id: int, batch_size: int = 64,
+              compute_dtype: torch.dtype = torch.float32) -> float:
     """Token-weighted mean response loss over ``examples``."""
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
-    for i in range(0, len(examples), batch_size):
-        loss, n = response_loss(model, *collate_sft_batch(examples[i:i + batch_size], pad_id))
-        total += float(loss) * n
+    for group in micro_batches(examples, batch_size):
+        nll, n = response_nll_sum(model, *collate_sft_batch(group, pad_id), compute_dtype)
+        total += float(nll)
         count += n
     model.train(was_training)
     return total / max(count, 1)
@@ -107,14 +153,19 @@ def run_sft(config: SFTConfig) -> Path:
     torch.manual_seed(config.seed)
     rng = random.Random(config.seed)
     tokenizer = load_tokenizer(config.model, config.trust_remote_code)
-    model = load_policy(config.model, config.dtype, config.trust_remote_code)
+    device = resolve_device(config.device)
+    compute_dtype = resolve_dtype(config.dtype, device)
+    # float32 master weights; the forward runs in compute_dtype
+    model = load_model(config.model, device=device, dtype=torch.float32,
+                       trust_remote_code=config.trust_remote_code)
+    micro = config.micro_batch_size or config.batch_size
     problems = load_problems(config.train, config.limit)
     examples = build_examples(tokenizer, problems, config.max_length, config.strict,
                               config.train)
     if not examples:
         raise ValueError(f"no training example fits max_length={config.max_length}")
     eval_set = examples[:config.eval_examples]
-    initial_loss = mean_loss(model, eval_set, tokenizer.pad_token_id)
+    initial_loss = mean_loss(model, eval_set, tokenizer.pad_token_id, micro, compute_dtype)
 
     steps_per_epoch = math.ceil(len(examples) / config.batch_size)
     total_steps = max(1, round(config.epochs * steps_per_epoch))
@@ -135,17 +186,16 @@ def run_sft(config: SFTConfig) -> Path:
         del order[:config.batch_size]
         for group in optimizer.param_groups:
             group["lr"] = config.lr * lr_factor(step)
-        loss, _ = response_loss(model, *collate_sft_batch(batch, tokenizer.pad_token_id))
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        loss = sft_step_loss(model, batch, tokenizer.pad_token_id, micro, compute_dtype)
         torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
         optimizer.step()
-        history.append(loss.item())
+        history.append(loss)
         if (step + 1) % config.log_every == 0 or step + 1 == total_steps:
             recent = history[-config.log_every:]
             bar.set_postfix(loss=f"{sum(recent) / len(recent):.4f}")
     model.eval()
-    final_loss = mean_loss(model, eval_set, tokenizer.pad_token_id)
+    final_loss = mean_loss(model, eval_set, tokenizer.pad_token_id, micro, compute_dtype)
     report = {
         "config": asdict(config), "examples": len(examples),
         "dropped": len(problems) - len(examples), "steps": total_steps,

@@ -8,7 +8,7 @@ import statistics
 import time
 
 from oreo_fast.errors import DataError
-from oreo_fast.models import ValueModel, stop_token_ids
+from oreo_fast.models import ValueModel, load_model, stop_token_ids
 from oreo_fast.sampling import SamplingConfig
 from oreo_fast.search.beam import (SearchConfig, TokenCounts, beam_search, best_of_n, check_models,
                                    step_end_ids)
@@ -18,11 +18,12 @@ from oreo_fast.tokenizer import load_tokenizer
 log = logging.getLogger("oreo_fast")
 
 
-def load_value(path: str, policy, tokenizer, dtype: str = "float32",
+def load_value(path: str, policy, tokenizer, device: str = "auto", dtype: str = "auto",
                trust_remote_code: bool = False) -> ValueModel:
-    """The value model at ``path``, checked against the policy (vocabulary and tokenizer)."""
-    value = ValueModel.from_pretrained(path, dtype, trust_remote_code)
-    value.to(next(policy.parameters()).device)
+    """The value model at ``path`` on ``device`` in ``dtype`` (as the policy was loaded),
+    checked against the policy (vocabulary and tokenizer)."""
+    value = load_model(path, value=True, device=device, dtype=dtype,
+                       trust_remote_code=trust_remote_code)
     try:
         value_tokenizer = load_tokenizer(path, trust_remote_code)
     except (OSError, ValueError):

@@ -49,9 +49,14 @@ class TrainConfig:
 
     # runtime
     threads: int = 0  # torch CPU threads per process (0: torch's default, or OMP_NUM_THREADS)
+    device: str = "auto"  # "auto": CUDA device LOCAL_RANK when present, else cpu; "cpu"; "cuda"
     dtype: str = "auto"  # "auto": bf16 compute with fp32 master weights on CUDA, fp32 on CPU
     impl: str = "auto"  # loss implementation (see oreo_fast.ops)
     gradient_checkpointing: bool = False
+    # FSDP2: gradients reduce-scattered after every micro-batch and accumulated sharded (the
+    # default), or held unsharded until the step's last micro-batch (true: fewer collectives,
+    # a whole model's gradients per rank)
+    accumulate_unsharded: bool = False
     liger: bool = False  # Liger-Kernel patches (RMSNorm, RoPE, SwiGLU) when installed
     attn_implementation: str = "auto"  # "auto": flash_attention_2 when installed, else sdpa
     save_every: int = 0  # optimizer steps between checkpoints (output_dir/checkpoints); 0 = none
@@ -103,6 +108,8 @@ class TrainConfig:
             bad("warmup_ratio", "must be in [0, 1)")
         if not all(0 <= b < 1 for b in self.adam_betas):
             bad("adam_betas", "must be two numbers in [0, 1)")
+        if self.device not in ("auto", "cpu", "cuda"):
+            bad("device", "must be auto, cpu or cuda")
         if self.dtype not in ("auto", "float32", "bfloat16"):
             bad("dtype", "must be auto, float32 or bfloat16")
         if not self.step_delimiters or not all(self.step_delimiters):

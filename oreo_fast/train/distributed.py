@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from oreo_fast.errors import ConfigError
+
 
 @dataclass
 class Runtime:
@@ -30,11 +32,15 @@ class Runtime:
         return self.rank == 0
 
 
-def set_up(dtype: str, collective_timeout_s: float) -> Runtime:
-    """The device (CUDA device LOCAL_RANK when present, else CPU), the compute dtype
-    (``dtype`` "auto": bf16 on CUDA, fp32 on CPU) and, when needed, the process group."""
+def set_up(dtype: str, collective_timeout_s: float, device: str = "auto") -> Runtime:
+    """The device (``device`` "auto" or "cuda": CUDA device LOCAL_RANK, "auto" falling back
+    to the CPU without CUDA; "cpu": the CPU), the compute dtype (``dtype`` "auto": bf16 on
+    CUDA, fp32 on CPU) and, when needed, the process group."""
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    if torch.cuda.is_available():
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device: 'cuda' asked for but no CUDA device is present "
+                          "(use device=cpu or auto)")
+    if device != "cpu" and torch.cuda.is_available():
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
     else:

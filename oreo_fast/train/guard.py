@@ -8,12 +8,15 @@ Test hooks (environment variables, read only by the trainer; never set them in r
   that dies in the middle of training);
 - ``OREO_FAULT_HANG_AT_STEP=RANK:STEP``: process RANK stops responding after step STEP (a
   stuck rank: the others fail after ``collective_timeout_s``);
+- ``OREO_FAULT_KILL_AT_STEP=RANK:STEP``: that rank sends itself SIGKILL after that step (what
+  the kernel's out-of-memory killer does).
 - ``OREO_FAULT_STEP_DELAY_S=SECONDS``: sleep after every step (a window for kill -9 tests).
 """
 from __future__ import annotations
 
 import logging
 import os
+import signal
 import time
 
 import torch
@@ -51,10 +54,12 @@ def inject(step: int, rank: int) -> None:
     delay = os.environ.get("OREO_FAULT_STEP_DELAY_S")
     if delay:
         time.sleep(float(delay))
-    for hook in ("OREO_FAULT_EXIT_AT_STEP", "OREO_FAULT_HANG_AT_STEP"):
+    for hook in ("OREO_FAULT_EXIT_AT_STEP", "OREO_FAULT_HANG_AT_STEP", "OREO_FAULT_KILL_AT_STEP"):
         target = os.environ.get(hook)
         if not target or [int(x) for x in target.split(":")] != [rank, step]:
             continue
+        if hook == "OREO_FAULT_KILL_AT_STEP":
+            os.kill(os.getpid(), signal.SIGKILL)
         if hook == "OREO_FAULT_HANG_AT_STEP":
             print(f"{hook}: rank {rank} hangs after step {step} (injected fault)", flush=True)
             time.sleep(24 * 3600)

@@ -2,8 +2,12 @@
 
 Each model runs inside a small ``nn.Module`` root whose forward returns plain tensors: FSDP2
 hooks the backward through the root's forward outputs, and the policy root runs the fused
-loss inside its forward so that the LM head is unsharded while the op reads it (FSDP2 does
-not reshard the root after forward). ``shard`` wraps each decoder block, then the root.
+loss inside its forward so that the LM head is unsharded while the op reads it. ``shard``
+wraps each decoder block, then the root, and asks the root too to reshard after its forward
+(FSDP2's default keeps a root's parameters, the embedding and tied LM head among them,
+unsharded from its forward until after the backward: with three roots per step that is
+three whole embeddings per rank, one of which a 1-process run holds anyway). The backward
+gathers them again; the saved tensors that alias them are valid again by then.
 """
 from __future__ import annotations
 
@@ -87,14 +91,15 @@ def shard(module: nn.Module, model: nn.Module, mp_policy, ignored=None):
 
     for block in decoder_blocks(model):
         fully_shard(block, mp_policy=mp_policy)
-    fully_shard(module, mp_policy=mp_policy, ignored_params=ignored)
+    fully_shard(module, mp_policy=mp_policy, ignored_params=ignored, reshard_after_forward=True)
 
 
 def shard_frozen_reference(root: HiddenStates, compute_dtype: torch.dtype) -> None:
-    """The frozen reference: blocks sharded; embedding and LM head replicated, because the
-    fused loss reads the LM head whole."""
+    """The frozen reference: blocks and (untied) input embedding sharded; the LM head
+    replicated, because the policy's fused loss reads it whole, outside the reference's
+    own forward (a tied embedding is that same tensor, so it stays replicated too)."""
     model = root.model
-    frozen = {model.get_output_embeddings().weight, model.get_input_embeddings().weight}
+    frozen = {model.get_output_embeddings().weight}
     shard(root, model, mixed_precision(compute_dtype, trained=False), ignored=frozen)
 
 

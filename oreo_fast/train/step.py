@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from oreo_fast.models import ValueModel, check_folders_same_vocabulary, load_policy
+from oreo_fast.models import ValueModel, check_folders_same_vocabulary, load_model
 from oreo_fast.ops import bellman_losses, masked_sequence_mean
 from oreo_fast.train.parallelize import (HiddenStates, PolicyWithLoss, Values, mixed_precision,
                                          shard, shard_frozen_reference)
@@ -117,17 +117,18 @@ class OreoStep:
 
 def build_step(cfg, policy_init: Path | str, value_init: Path | str, load_kwargs: dict,
                compute_dtype: torch.dtype):
-    """Load the models ``cfg.algorithm`` needs (in ``load_kwargs``' master dtype; the frozen
-    reference directly in ``compute_dtype``) and wrap them in that algorithm's step."""
-    policy = load_policy(policy_init, **load_kwargs)
+    """Load the models ``cfg.algorithm`` needs onto ``load_kwargs["device"]`` (in
+    ``load_kwargs``' master dtype; the frozen reference directly in ``compute_dtype``) and
+    wrap them in that algorithm's step."""
+    policy = load_model(policy_init, **load_kwargs)
     if cfg.algorithm == "rft":
         step = RftStep(cfg, policy)
         backbones = [policy]
     else:
-        reference = load_policy(cfg.reference or cfg.policy, **{**load_kwargs,
-                                                                 "dtype": compute_dtype})
+        reference = load_model(cfg.reference or cfg.policy, **{**load_kwargs,
+                                                                "dtype": compute_dtype})
         reference.requires_grad_(False)
-        value = ValueModel.from_pretrained(value_init, **load_kwargs)
+        value = load_model(value_init, value=True, **load_kwargs)
         check_folders_same_vocabulary({
             "policy": (Path(cfg.policy), policy.config),
             "reference": (Path(cfg.reference or cfg.policy), reference.config),

@@ -40,7 +40,7 @@ class Trainer:
         self.config = cfg = config
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
-        self.runtime = set_up(cfg.dtype, cfg.collective_timeout_s)
+        self.runtime = set_up(cfg.dtype, cfg.collective_timeout_s, cfg.device)
         self.device, self.rank = self.runtime.device, self.runtime.rank
         self.world_size = self.runtime.world_size
         self.output_dir = Path(cfg.output_dir)
@@ -50,14 +50,13 @@ class Trainer:
         if cfg.liger:
             apply_liger(cfg.policy, self.device)
         self.checkpointer = Checkpointer(cfg, self.output_dir, self.runtime, self.tokenizer)
-        load_kwargs = dict(dtype=torch.float32, trust_remote_code=cfg.trust_remote_code,
+        load_kwargs = dict(device=self.device, dtype=torch.float32,
+                           trust_remote_code=cfg.trust_remote_code,
                            attn_implementation=attention_backend(cfg.attn_implementation,
                                                                  self.device))
         self.algorithm = build_step(cfg, *self.checkpointer.model_inits(), load_kwargs,
                                     self.runtime.compute_dtype)
-        trained = self.algorithm.trained
-        for module in trained + self.algorithm.frozen:
-            module.to(self.device)
+        trained = self.algorithm.trained  # already on self.device (models.load_model)
         if self.runtime.use_fsdp:
             self.algorithm.shard(self.runtime.compute_dtype)
         lrs = (cfg.policy_lr, cfg.value_lr)
@@ -94,7 +93,8 @@ class Trainer:
         totals: dict[str, torch.Tensor] = {}
         tokens = 0
         for i, micro in enumerate(micro_batches):
-            if self.runtime.use_fsdp:
+            if self.runtime.use_fsdp and cfg.accumulate_unsharded:
+                # one reduce-scatter per step, full-size gradients held until the last one
                 for module in trained:
                     module.set_requires_gradient_sync(i == len(micro_batches) - 1)
             batch = collate_examples([None if j is None else self.examples[j] for j in micro],
@@ -230,6 +230,13 @@ def main(argv: list[str] | None = None) -> int:
         rank = os.environ.get("RANK")
         print(f"oreo-fast train: error{f' (rank {rank})' if rank else ''}: {e}", file=sys.stderr)
         sys.exit(2)
+    except torch.OutOfMemoryError as e:
+        rank = os.environ.get("RANK")
+        first = str(e).strip().splitlines()[0] if str(e).strip() else "out of memory"
+        print(f"oreo-fast train: error{f' (rank {rank})' if rank else ''}: out of memory "
+              f"({first[:200]}); lower micro_batch_size (now {config.micro_batch_size}) or set "
+              "gradient_checkpointing=true, or train on more GPUs", file=sys.stderr)
+        sys.exit(3)
     if trainer.rank == 0:
         print(json.dumps({k: v for k, v in summary.items() if k != "final"}))
     if dist.is_initialized():

@@ -37,10 +37,11 @@ def default(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def trained(default, tmp_path_factory):
-    """SFT until the 8 training problems are (mostly) memorised: a policy that is often right."""
+    """SFT until the 8 training problems are memorised: a policy that is often right (150
+    epochs: at 60 the loss was still 0.78 and one sample in 48 was right, a knife edge)."""
     out = tmp_path_factory.mktemp("sft") / "policy"
     run_sft(SFTConfig(model=str(default["model"]), train=str(default["train"]), out=str(out),
-                      epochs=60, batch_size=8, lr=1e-2, warmup_steps=5))
+                      epochs=150, batch_size=8, lr=1e-2, warmup_steps=5))
     return out
 
 

@@ -268,7 +268,7 @@ def test_unwritable_or_full_output_is_reported_before_training(tiny, tmp_path, m
     blocker = tmp_path / "file"
     blocker.write_text("x")
     loaded = []
-    monkeypatch.setattr("oreo_fast.train.step.load_policy", lambda *a, **k: loaded.append(a))
+    monkeypatch.setattr("oreo_fast.train.step.load_model", lambda *a, **k: loaded.append(a))
     with pytest.raises(OutputError, match=r"file/run: cannot create the output folder"):
         Trainer(_config(root, output_dir=str(blocker / "run")))
     usage = shutil.disk_usage(tmp_path)
