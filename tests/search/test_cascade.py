@@ -8,9 +8,9 @@ import torch
 
 from test_search import SIZE, TEXTS, _value, models  # noqa: F401 (the tiny models fixture)
 
-from oreo_fast.search.cascade import (ChildGroups, cascade_attention, cascade_attention_forward,
-                               materialize_rows, merge_attention, prefix_attention_torch,
-                               share_prefix)
+from oreo_fast.search.cascade import (ChildGroups, cascade_attention, merge_attention,
+                                     prefix_attention_torch)
+from oreo_fast.search.shared_prefix import materialize_rows, share_prefix
 from oreo_fast.kernels import TRITON_AVAILABLE
 from oreo_fast.search.kv import expand_rows, gather_compact, prefill
 
@@ -206,8 +206,6 @@ def test_bad_arguments_name_the_argument():
         ChildGroups.from_parent(torch.tensor([1, 0]), 2)
     with pytest.raises(ValueError, match="parent holds an index"):
         ChildGroups.from_parent(torch.tensor([0, 2]), 2)
-    with pytest.raises(ValueError, match="CascadeBatch"):
-        cascade_attention_forward(None, query, sk, sv, None)
 
 
 # ------------------------------------------------------------------- model level
