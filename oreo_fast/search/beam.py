@@ -105,11 +105,13 @@ class TokenCounts:
     policy: int = 0
     value: int = 0
     padded_slots: int = 0  # padding positions run through a model (wasted compute)
+    generated: int = 0  # tokens the policy sampled (EOS included), as ``generate`` counts
 
     def add(self, other: "TokenCounts") -> None:
         self.policy += other.policy
         self.value += other.value
         self.padded_slots += other.padded_slots
+        self.generated += other.generated
 
 
 # ----------------------------------------------------------------------- sampling, draws
@@ -279,6 +281,7 @@ def _search(policy, value_model, prompts, cfg, sharing, eos_ids, step_ends, pad_
         alive = torch.ones(n_rows, dtype=torch.bool, device=device)
         for t in range(cfg.max_step_tokens):
             tokens = sample_with_uniform(logits, uniforms[:, t], cfg)
+            counts.generated += int(alive.sum())
             is_eos = torch.isin(tokens, eos_t)
             steps[:, t] = torch.where(alive & ~is_eos, tokens, steps[:, t])
             length += (alive & ~is_eos).long()
@@ -357,8 +360,13 @@ def best_of_n(policy, value_model, prompts: list[list[int]], n: int, sampling, e
     check_kv_sharing(kv_sharing)
     check_models(policy, value_model)
     gen = torch.Generator(device=next(policy.parameters()).device).manual_seed(seed)
-    samples = generate(policy, prompts, eos_ids, pad_id, sampling, num_samples=n, generator=gen)
     counts = counts if counts is not None else TokenCounts()
+
+    def count_generated(n_tokens: int) -> None:
+        counts.generated += n_tokens
+
+    samples = generate(policy, prompts, eos_ids, pad_id, sampling, num_samples=n, generator=gen,
+                       on_tokens=count_generated)
     kv_sharing = usable_kv_sharing(kv_sharing, (value_model,))
     with routed_for(kv_sharing, (value_model,)):
         return [_best_of_group(value_model, prompt, group, pad_id, counts, kv_sharing)
