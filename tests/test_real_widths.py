@@ -12,6 +12,7 @@ from oreo_fast.models import ValueModel, load_policy, save_model
 from oreo_fast.sampling import SamplingConfig, generate
 from oreo_fast.search.beam import SearchConfig, TokenCounts, beam_search, best_of_n, step_end_ids
 from oreo_fast.search.naive import naive_beam_search
+from oreo_fast.search import shared_prefix
 from oreo_fast.search.shared_prefix import cascade_unsupported_reason
 from oreo_fast.tokenizer import encode_pair
 
@@ -50,22 +51,40 @@ def _reencoded_values(value_model, prompt, samples):
     return out
 
 
+@pytest.fixture
+def cascade_calls(monkeypatch):
+    """How many times the model's attention took the cascade path (per layer and feed)."""
+    calls = []
+    attend = shared_prefix.cascade_attention
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return attend(*args, **kwargs)
+
+    monkeypatch.setattr(shared_prefix, "cascade_attention", counted)
+    return calls
+
+
 @torch.no_grad()
 def test_search_takes_the_cascade_path_and_equals_copying_and_reencoding(models, tokenizer,
-                                                                         caplog):
+                                                                         caplog, cascade_calls):
     name, policy, value, prompts, _ = models
-    # every one of these architectures can take the cascade path (no silent fall back)
+    # every one of these architectures can take the cascade path (no fall back to copying)
     assert cascade_unsupported_reason(policy) is None
     assert cascade_unsupported_reason(value) is None
     cfg = dict(beams=2, candidates=2, max_steps=2, max_step_tokens=3, temperature=1.0, seed=3)
     args = ([tokenizer.eos_token_id], step_end_ids(tokenizer), tokenizer.pad_token_id)
-    runs = {}
+    runs, calls = {}, {}
     with caplog.at_level(logging.WARNING, logger="oreo_fast"):
         for sharing in ("cascade", "copy"):
             runs[sharing] = beam_search(policy, value, prompts,
                                         SearchConfig(**cfg, kv_sharing=sharing), *args,
                                         counts=TokenCounts())
+            calls[sharing] = len(cascade_calls)
     assert "kv_sharing" not in caplog.text
+    # both models' layers attended through the cascade, and only when asked to
+    assert calls["cascade"] >= 2 * policy.config.num_hidden_layers
+    assert calls["copy"] == calls["cascade"]
     naive = naive_beam_search(policy, value, prompts, SearchConfig(**cfg), *args)
     for other in (runs["copy"], naive):
         for a, b in zip(runs["cascade"], other):
@@ -84,12 +103,17 @@ def test_search_takes_the_cascade_path_and_equals_copying_and_reencoding(models,
 
 
 @torch.no_grad()
-def test_best_of_n_scores_equal_with_cascade_copy_and_reencoding(models, tokenizer):
+def test_best_of_n_scores_equal_with_cascade_copy_and_reencoding(models, tokenizer,
+                                                                 cascade_calls):
     name, policy, value, prompts, _ = models
     sampling = SamplingConfig(max_new_tokens=5, temperature=1.0)
-    runs = {sharing: best_of_n(policy, value, prompts, 3, sampling, [tokenizer.eos_token_id],
-                               tokenizer.pad_token_id, seed=4, kv_sharing=sharing)
-            for sharing in ("cascade", "copy")}
+    runs = {}
+    for sharing in ("cascade", "copy"):
+        runs[sharing] = best_of_n(policy, value, prompts, 3, sampling, [tokenizer.eos_token_id],
+                                  tokenizer.pad_token_id, seed=4, kv_sharing=sharing)
+        if sharing == "cascade":  # one feed per prompt through every layer
+            assert len(cascade_calls) == len(prompts) * value.config.num_hidden_layers
+    assert len(cascade_calls) == len(prompts) * value.config.num_hidden_layers
     for prompt, a, b in zip(prompts, runs["cascade"], runs["copy"]):
         assert a.tokens == b.tokens and [c.tokens for c in a.pool] == [c.tokens for c in b.pool]
         full = _reencoded_values(value, prompt, [c.tokens for c in a.pool])

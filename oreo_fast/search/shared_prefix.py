@@ -25,6 +25,7 @@ import contextlib
 import contextvars
 import functools
 import logging
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -127,19 +128,20 @@ def cascade_unsupported_reason(model) -> str | None:
     return None
 
 
-_NOTIFIED: set[str] = set()
+# models already named in a fall-back notice: a search over many batches says it once
+_NOTIFIED: weakref.WeakSet = weakref.WeakSet()
 
 
 def usable_kv_sharing(kv_sharing: str, models) -> str:
-    """``kv_sharing``, or "copy" (with a one-line notice, once per reason) when it is
+    """``kv_sharing``, or "copy" (with a one-line notice, once per model) when it is
     "cascade" and one of ``models`` cannot take the cascade path."""
     if kv_sharing != "cascade":
         return kv_sharing
     for model in models:
         reason = cascade_unsupported_reason(model)
         if reason is not None:
-            if reason not in _NOTIFIED:
-                _NOTIFIED.add(reason)
+            if model not in _NOTIFIED:
+                _NOTIFIED.add(model)
                 log.warning("kv_sharing=cascade: %s; the search copies the prefix KV instead "
                             "(kv_sharing=copy)", reason)
             return "copy"
