@@ -1,7 +1,7 @@
 """The search, sampling and saving on models at the widths of real checkpoints
 (tests/real_widths.py: Qwen2.5-1.5B, Llama-3.2-1B, untied TinyLlama-1.1B; random weights, 2
-decoder layers; training: tests/train/test_real_width_training.py). Issue 12: the tiny Qwen2 of the other tests hid
-that the cascade search crashed on every Llama-architecture model."""
+decoder layers; training: tests/train/test_real_width_training.py). Issue 12: the tiny Qwen2
+of the other tests hid that the cascade search crashed on every Llama-architecture model."""
 import logging
 
 import pytest
