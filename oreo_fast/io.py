@@ -79,6 +79,21 @@ def _as_tuple(types) -> tuple:
     return types if isinstance(types, tuple) else (types,)
 
 
+def process_umask() -> int:
+    """The process's umask. Linux reports it in /proc; elsewhere it can only be read by
+    setting it, which for an instant leaves the process (all threads) with a umask of 0."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 @contextmanager
 def atomic_open(path: str | os.PathLike, mode: str = "w"):
     """Open a temporary file next to ``path``; on success it replaces ``path``, on error it is
@@ -88,6 +103,8 @@ def atomic_open(path: str | os.PathLike, mode: str = "w"):
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, mode, encoding=None if "b" in mode else "utf-8") as f:
+            # mkstemp makes the file 0600 whatever the umask; the output gets what open() gives
+            os.fchmod(f.fileno(), 0o666 & ~process_umask())
             yield f
             f.flush()
             os.fsync(f.fileno())
@@ -149,6 +166,8 @@ def atomic_dir(path: str | os.PathLike):
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
+        # mkdtemp makes the folder 0700 whatever the umask; the output gets what mkdir() gives
+        os.chmod(tmp, 0o777 & ~process_umask())
         yield tmp
         fsync_tree(tmp)
         if path.exists():

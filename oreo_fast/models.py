@@ -210,6 +210,12 @@ def load_policy(path: str | os.PathLike, dtype: str | torch.dtype | None = "floa
     from transformers import AutoModelForCausalLM
 
     check_model_dir(path)
+    config = json.loads((Path(path) / "config.json").read_text(encoding="utf-8"))
+    if VALUE_CONFIG_KEY in config:
+        # its backbone would load under a fresh, random LM head: a policy that writes noise
+        raise ModelDirError(f"folder is a saved value model (config.json has "
+                            f"'{VALUE_CONFIG_KEY}'), not a policy; pass the policy folder "
+                            "(a training run's policy/, not value/)", path)
     model = AutoModelForCausalLM.from_pretrained(
         str(path), dtype=_dtype(dtype), trust_remote_code=trust_remote_code,
         attn_implementation=attn_implementation, use_safetensors=True)

@@ -183,3 +183,13 @@ def test_sampling_filters():
     from oreo_fast.sampling import next_tokens
     draws = next_tokens(logits.repeat(500, 1), SamplingConfig(temperature=1.0, top_k=2), gen)
     assert set(draws.tolist()) == {0, 1}
+
+
+def test_a_value_folder_is_refused_as_a_policy(policy_dir, tmp_path):
+    from oreo_fast.errors import ModelDirError
+
+    value = ValueModel.from_pretrained(policy_dir)
+    value.save_pretrained(tmp_path / "value", load_tokenizer(policy_dir))
+    with pytest.raises(ModelDirError, match=r"value.*saved value model.*pass the policy folder"):
+        load_policy(tmp_path / "value")
+    load_policy(policy_dir)  # the policy folder itself loads

@@ -55,6 +55,7 @@ class EvalConfig:
     kv_sharing: str = "cascade"  # children read the parent's KV in place, or "copy" it
     best_of: int = 0  # N: best-of-N by value (0: off)
     search_batch_size: int = 16  # problems per beam-search batch
+    progress: bool = True  # progress bars of the search (shown only when stderr is a terminal)
 
     def __post_init__(self):
         require_at_least(self, 0, "n_samples", "beams", "best_of")
@@ -131,7 +132,11 @@ def run_eval(config: EvalConfig) -> dict:
             f"majority_at_{config.n_samples}": majority / max(n, 1),
         })
     if value is not None:
-        report.update(_search_reports(config, model, value, tokenizer, encoded))
+        searches = _search_reports(config, model, value, tokenizer, encoded)
+        report.update(searches)
+        # tokens/s covers every token the policy generated, the searches' included
+        n_tokens += sum(searches[key]["generated_tokens"] for key in ("beam_search", "best_of_n")
+                        if key in searches)
     seconds = time.time() - t0
     report.update({"generated_tokens": n_tokens, "seconds": round(seconds, 2),
                    "tokens_per_second": round(n_tokens / max(seconds, 1e-9), 1),
@@ -147,7 +152,8 @@ def _search_reports(config: EvalConfig, model, value, tokenizer, encoded) -> dic
     out = {}
     if config.beams:
         cfg = config.search_config()
-        res = search_accuracy(model, value, tokenizer, encoded, cfg, config.search_batch_size)
+        res = search_accuracy(model, value, tokenizer, encoded, cfg, config.search_batch_size,
+                              config.progress)
         res.pop("predictions")
         out["beam_accuracy"], out["beam_search"] = res["accuracy"], res
         log.info("eval: beam search (B=%d, K=%d) %.3f", cfg.beams, cfg.candidates,
@@ -155,6 +161,7 @@ def _search_reports(config: EvalConfig, model, value, tokenizer, encoded) -> dic
     if config.best_of:
         sampling = SamplingConfig.of(config)
         res = best_of_n_accuracy(model, value, tokenizer, encoded, config.best_of, sampling,
-                                 config.seed, kv_sharing=config.kv_sharing)
+                                 config.seed, kv_sharing=config.kv_sharing,
+                                 progress=config.progress)
         out[f"best_of_{config.best_of}_accuracy"], out["best_of_n"] = res["accuracy"], res
     return out

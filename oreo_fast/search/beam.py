@@ -36,7 +36,9 @@ from oreo_fast.config import require_at_least, require_choice
 from oreo_fast.errors import ConfigError
 from oreo_fast.models import check_same_vocabulary
 from oreo_fast.sampling import check_sampling, filter_logits, generate
-from oreo_fast.search.cascade import IMPLS, CascadeKV, materialize_rows, share_prefix
+from oreo_fast.search.cascade import IMPLS
+from oreo_fast.search.shared_prefix import (CascadeKV, materialize_rows, routed_for, share_prefix,
+                                           usable_kv_sharing)
 from oreo_fast.search.kv import expand_rows, gather_compact, prefill
 from oreo_fast.tokenizer import loaded_tokenizer_signature
 
@@ -103,11 +105,13 @@ class TokenCounts:
     policy: int = 0
     value: int = 0
     padded_slots: int = 0  # padding positions run through a model (wasted compute)
+    generated: int = 0  # tokens the policy sampled (EOS included), as ``generate`` counts
 
     def add(self, other: "TokenCounts") -> None:
         self.policy += other.policy
         self.value += other.value
         self.padded_slots += other.padded_slots
+        self.generated += other.generated
 
 
 # ----------------------------------------------------------------------- sampling, draws
@@ -224,6 +228,14 @@ def beam_search(policy, value_model, prompts: list[list[int]], cfg: SearchConfig
     if any(len(p) < 2 for p in prompts):
         raise ValueError("every prompt needs at least 2 tokens")
     check_models(policy, value_model)
+    sharing = usable_kv_sharing(cfg.kv_sharing, (policy, value_model))
+    with routed_for(sharing, (policy, value_model)):
+        return _search(policy, value_model, prompts, cfg, sharing, eos_ids, step_ends, pad_id,
+                       is_final, problem_keys, counts)
+
+
+def _search(policy, value_model, prompts, cfg, sharing, eos_ids, step_ends, pad_id, is_final,
+            problem_keys, counts) -> list[SearchResult]:
     device = next(policy.parameters()).device
     keys = problem_keys if problem_keys is not None else list(range(len(prompts)))
     counts = counts if counts is not None else TokenCounts()
@@ -251,8 +263,7 @@ def beam_search(policy, value_model, prompts: list[list[int]], cfg: SearchConfig
         logits = pol.forward_tokens(policy, pending[:, None], torch.ones_like(pending)[:, None],
                                     counts, "policy")[:, -1]
         # 2. children share the parent's prefix: read in place (cascade) or copied
-        pol_c = children_kv(pol, n_children, cfg.max_step_tokens, cfg.kv_sharing,
-                             cfg.attention_impl)
+        pol_c = children_kv(pol, n_children, cfg.max_step_tokens, sharing, cfg.attention_impl)
         logits = logits.repeat_interleave(n_children, dim=0)
         uniforms = []
         rank_in_problem: dict[int, int] = {}
@@ -270,6 +281,7 @@ def beam_search(policy, value_model, prompts: list[list[int]], cfg: SearchConfig
         alive = torch.ones(n_rows, dtype=torch.bool, device=device)
         for t in range(cfg.max_step_tokens):
             tokens = sample_with_uniform(logits, uniforms[:, t], cfg)
+            counts.generated += int(alive.sum())
             is_eos = torch.isin(tokens, eos_t)
             steps[:, t] = torch.where(alive & ~is_eos, tokens, steps[:, t])
             length += (alive & ~is_eos).long()
@@ -283,8 +295,7 @@ def beam_search(policy, value_model, prompts: list[list[int]], cfg: SearchConfig
             logits = pol_c.forward_tokens(policy, feed[:, None], alive.long()[:, None],
                                           counts, "policy")[:, -1]
         # 4. the value model reads every candidate at its last token: the next step's state
-        val_c = children_kv(val, n_children, cfg.max_step_tokens, cfg.kv_sharing,
-                             cfg.attention_impl)
+        val_c = children_kv(val, n_children, cfg.max_step_tokens, sharing, cfg.attention_impl)
         width = max(int(length.max()), 1)
         step_mask = (torch.arange(width, device=device)[None] < length[:, None]).long()
         cand_values = val_c.forward_tokens(value_model, steps[:, :width], step_mask, counts,
@@ -348,26 +359,35 @@ def best_of_n(policy, value_model, prompts: list[list[int]], n: int, sampling, e
         raise ValueError(f"best-of-N needs N >= 1, got {n}")
     check_kv_sharing(kv_sharing)
     check_models(policy, value_model)
-    device = next(policy.parameters()).device
-    gen = torch.Generator(device=device).manual_seed(seed)
-    samples = generate(policy, prompts, eos_ids, pad_id, sampling, num_samples=n, generator=gen)
+    gen = torch.Generator(device=next(policy.parameters()).device).manual_seed(seed)
     counts = counts if counts is not None else TokenCounts()
-    results = []
-    for prompt, group in zip(prompts, samples):
-        val, root = prefill(value_model, [prompt], pad_id, counts, "value", values=True)
-        val = children_kv(val, n, 0, kv_sharing)
-        lengths = torch.tensor([len(g.token_ids) for g in group], device=device)
-        width = max(int(lengths.max()), 1)
-        ids = torch.full((n, width), pad_id, dtype=torch.long, device=device)
-        for j, g in enumerate(group):
-            ids[j, :len(g.token_ids)] = torch.tensor(g.token_ids, dtype=torch.long)
-        mask = (torch.arange(width, device=device)[None] < lengths[:, None]).long()
-        values = val.forward_tokens(value_model, ids, mask, counts, "value")
-        read = values.gather(1, (lengths - 1).clamp(min=0)[:, None]).squeeze(1)
-        read = torch.where(lengths > 0, read, torch.full_like(read, float(root[0])))
-        pool = [Candidate(-1, g.token_ids, g.token_ids, float(v), g.finished, g.finished)
-                for g, v in zip(group, read.tolist())]
-        best = max(range(n), key=lambda j: (pool[j].value, -j))
-        results.append(SearchResult(list(pool[best].tokens), pool[best].value,
-                                    pool[best].finished, pool))
-    return results
+
+    def count_generated(n_tokens: int) -> None:
+        counts.generated += n_tokens
+
+    samples = generate(policy, prompts, eos_ids, pad_id, sampling, num_samples=n, generator=gen,
+                       on_tokens=count_generated)
+    kv_sharing = usable_kv_sharing(kv_sharing, (value_model,))
+    with routed_for(kv_sharing, (value_model,)):
+        return [_best_of_group(value_model, prompt, group, pad_id, counts, kv_sharing)
+                for prompt, group in zip(prompts, samples)]
+
+
+def _best_of_group(value_model, prompt, group, pad_id, counts, kv_sharing) -> SearchResult:
+    """The sample of ``group`` (one prompt's N samples) the value model rates highest."""
+    n, device = len(group), next(value_model.parameters()).device
+    val, root = prefill(value_model, [prompt], pad_id, counts, "value", values=True)
+    val = children_kv(val, n, 0, kv_sharing)
+    lengths = torch.tensor([len(g.token_ids) for g in group], device=device)
+    width = max(int(lengths.max()), 1)
+    ids = torch.full((n, width), pad_id, dtype=torch.long, device=device)
+    for j, g in enumerate(group):
+        ids[j, :len(g.token_ids)] = torch.tensor(g.token_ids, dtype=torch.long)
+    mask = (torch.arange(width, device=device)[None] < lengths[:, None]).long()
+    values = val.forward_tokens(value_model, ids, mask, counts, "value")
+    read = values.gather(1, (lengths - 1).clamp(min=0)[:, None]).squeeze(1)
+    read = torch.where(lengths > 0, read, torch.full_like(read, float(root[0])))
+    pool = [Candidate(-1, g.token_ids, g.token_ids, float(v), g.finished, g.finished)
+            for g, v in zip(group, read.tolist())]
+    best = max(range(n), key=lambda j: (pool[j].value, -j))
+    return SearchResult(list(pool[best].tokens), pool[best].value, pool[best].finished, pool)

@@ -13,26 +13,17 @@ kernels (``oreo_fast.kernels.cascade_attention``) do both halves, the suffix ker
 from the prefix's softmax state so that the merge is part of it; on CPU grouped matmuls (or
 PyTorch's fused CPU attention) and ``merge_attention`` below.
 
-Integration with transformers: ``share_prefix`` wraps a parent ``kv.KV`` into a
-``CascadeKV`` whose cache holds, per layer, the parents' prefix KV [P, KVH, L, D] (the
-parent cache's own tensors, not copied) and each child's suffix KV [N, KVH, S, D] that grows
-as tokens are fed. Its ``forward_tokens`` runs the model with the attention function
-registered through transformers' ``AttentionInterface`` (under ``ATTENTION_NAME``); the
-attention mask handed to the model is a ``CascadeBatch`` that tells that function where the
-prefix and the masks are. Positions are explicit, as in ``kv.KV``. ``materialize_rows``
-turns selected children into ordinary KV rows (prefix + suffix) for the next step.
+The model-level use (a transformers model attending through this) is
+``oreo_fast.search.shared_prefix``.
 """
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 
 import torch
 
 from oreo_fast.ops import compute_dtype, resolve_impl
-from oreo_fast.search.kv import KV, compact_rows, feed_tokens, reserved_layer
 
-ATTENTION_NAME = "oreo_cascade"
 IMPLS = ("auto", "torch", "triton")  # no materialised reference: the torch path is plain
 
 # ------------------------------------------------------------------------- child groups
@@ -153,7 +144,7 @@ def merge_attention(out_a, lse_a, out_b, lse_b):
     return out, top + torch.log(total)
 
 
-def _use_triton(impl: str, device: torch.device) -> bool:
+def use_triton(impl: str, device: torch.device) -> bool:
     return resolve_impl(impl, device, IMPLS, name="attention impl") == "triton"
 
 
@@ -172,7 +163,7 @@ def cascade_attention(query, prefix_keys, prefix_values, prefix_mask, groups: Ch
     """
     _check_shapes(query, prefix_keys, prefix_values, prefix_mask, groups, suffix_keys,
                   suffix_values, suffix_mask)
-    if _use_triton(impl, query.device):
+    if use_triton(impl, query.device):
         from oreo_fast.kernels.cascade_attention import (prefix_attention_forward,
                                                          suffix_merge_forward)
 
@@ -217,128 +208,3 @@ def _check_shapes(query, prefix_keys, prefix_values, prefix_mask, groups, suffix
     if tuple(suffix_mask.shape) != (n, suffix_keys.shape[2]):
         raise ValueError(f"suffix_mask must be [{n}, {suffix_keys.shape[2]}], got "
                          f"{tuple(suffix_mask.shape)}")
-
-
-# ------------------------------------------------------- integration with transformers
-
-
-@dataclass
-class CascadeBatch:
-    """What the registered attention function needs besides the suffix keys and values that
-    the model's cache update returns; handed to the model in place of its attention mask."""
-
-    prefix: list[tuple[torch.Tensor, torch.Tensor]]  # per layer [P, KVH, L, D]
-    prefix_mask: torch.Tensor  # [P, L]
-    groups: ChildGroups
-    suffix_mask: torch.Tensor  # [N, S], this call's tokens included
-    impl: str
-
-
-def cascade_attention_forward(module, query, key, value, attention_mask, scaling=None,
-                              dropout: float = 0.0, sliding_window=None, **kwargs):
-    """The attention function registered as ``ATTENTION_NAME``: ``key`` / ``value`` are the
-    children's suffixes (the cascade cache's update returned them), ``attention_mask`` a
-    ``CascadeBatch``. Returns ([N, T, H, D], None) like transformers' attention functions."""
-    batch = attention_mask
-    if not isinstance(batch, CascadeBatch):
-        raise ValueError(f"attention '{ATTENTION_NAME}' needs a CascadeBatch as attention "
-                         f"mask (feed tokens through CascadeKV.forward_tokens), got "
-                         f"{type(batch).__name__}")
-    if sliding_window is not None or dropout:
-        raise ValueError("cascade attention supports neither sliding windows nor dropout")
-    prefix_keys, prefix_values = batch.prefix[module.layer_idx]
-    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    out, _ = cascade_attention(query, prefix_keys, prefix_values, batch.prefix_mask,
-                               batch.groups, key, value, batch.suffix_mask, scale, batch.impl)
-    return out.transpose(1, 2), None
-
-
-_REGISTERED = []
-
-
-@contextlib.contextmanager
-def _cascade_attention_on(model):
-    """Run ``model`` with the cascade attention function, then restore its own."""
-    if not _REGISTERED:
-        from transformers import AttentionInterface
-
-        AttentionInterface.register(ATTENTION_NAME, cascade_attention_forward)
-        _REGISTERED.append(True)
-    config = model.config
-    before = config._attn_implementation
-    config._attn_implementation = ATTENTION_NAME
-    try:
-        yield
-    finally:
-        config._attn_implementation = before
-
-
-@dataclass
-class CascadeKV:
-    """Children sharing their parents' prefix KV: ``forward_tokens`` as ``kv.KV``'s, but the
-    prefix exists once per parent and only the children's own tokens are cached per child."""
-
-    prefix: list[tuple[torch.Tensor, torch.Tensor]]  # per layer [P, KVH, L, D], not copied
-    prefix_mask: torch.Tensor  # [P, L] 1 = a real token
-    groups: ChildGroups
-    cache: object  # DynamicCache of the suffixes, [N, KVH, S, D] per layer
-    suffix_mask: torch.Tensor  # [N, S]
-    next_pos: torch.Tensor  # [N] position of each child's next real token
-    impl: str = "auto"
-
-    def forward_tokens(self, model, ids: torch.Tensor, mask: torch.Tensor, counts,
-                       which: str) -> torch.Tensor:
-        """Feed ``ids`` [N, T] (``mask`` 1 = real; real tokens first, then padding) after
-        each child's cached suffix; returns the policy's logits or the value model's values
-        for every fed position and updates the suffix cache, mask and positions."""
-        if ids.dim() != 2 or ids.shape[0] != len(self.next_pos):
-            raise ValueError(f"ids must be [{len(self.next_pos)}, T], got {tuple(ids.shape)}")
-        if mask.shape != ids.shape:
-            raise ValueError(f"mask shape {tuple(mask.shape)} differs from ids {tuple(ids.shape)}")
-        suffix_mask = torch.cat([self.suffix_mask, mask], dim=1)
-        batch = CascadeBatch(self.prefix, self.prefix_mask, self.groups, suffix_mask, self.impl)
-        with _cascade_attention_on(model):
-            out, self.next_pos = feed_tokens(model, ids, mask, self.next_pos, self.cache,
-                                             {"full_attention": batch}, counts, which)
-        self.suffix_mask = suffix_mask
-        return out
-
-
-def share_prefix(kv: KV, n_children: int, reserve: int = 0, impl: str = "auto") -> CascadeKV:
-    """``n_children`` children per row of ``kv`` (children of a row next to each other), all
-    reading that row's cache as their shared prefix: nothing is copied. ``reserve``: suffix
-    columns to allocate up front (the suffix grows past it if needed)."""
-    from transformers import DynamicCache
-
-    if not isinstance(kv, KV):
-        raise ValueError(f"kv must be a kv.KV, got {type(kv).__name__}")
-    if n_children < 1:
-        raise ValueError(f"n_children must be >= 1, got {n_children}")
-    if reserve < 0:
-        raise ValueError(f"reserve must be >= 0, got {reserve}")
-    _use_triton(impl, kv.mask.device)  # validates impl
-    prefix = [(layer.keys, layer.values) for layer in kv.cache.layers]
-    parents = kv.mask.shape[0]
-    cache = DynamicCache()
-    cache.layers = []
-    for keys, _ in prefix:
-        shape = (parents * n_children, keys.shape[1], 0, keys.shape[3])
-        cache.layers.append(reserved_layer(shape, keys.dtype, keys.device, max(reserve, 1)))
-    device = kv.mask.device
-    return CascadeKV(prefix, kv.mask, ChildGroups.repeated(parents, n_children, device), cache,
-                     torch.zeros(parents * n_children, 0, dtype=kv.mask.dtype, device=device),
-                     kv.next_pos.repeat_interleave(n_children), impl)
-
-
-def materialize_rows(ckv: CascadeKV, rows: torch.Tensor) -> KV:
-    """The given children as ordinary ``kv.KV`` rows: parent prefix + own suffix, real
-    columns moved right (what the next step uses as its prefix)."""
-    if rows.dim() != 1:
-        raise ValueError(f"rows must be 1-D, got shape {tuple(rows.shape)}")
-    parents = ckv.groups.parent[rows]
-    mask = torch.cat([ckv.prefix_mask[parents], ckv.suffix_mask[rows]], dim=1)
-    layers = []
-    for (prefix_k, prefix_v), layer in zip(ckv.prefix, ckv.cache.layers):
-        layers.append((torch.cat([prefix_k[parents], layer.keys[rows]], dim=2),
-                       torch.cat([prefix_v[parents], layer.values[rows]], dim=2)))
-    return compact_rows(layers, mask, ckv.next_pos[rows])

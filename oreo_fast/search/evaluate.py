@@ -69,11 +69,26 @@ def value_diagnostics(results) -> dict:
             "distinct_beams_per_step": distinct / steps if steps else None}
 
 
+def _progress_bar(total: int, desc: str, enabled: bool):
+    """Problems done and tokens/s on stderr; tqdm's ``disable=None`` keeps it off when stderr
+    is not a terminal (logs, pipes, CI), ``enabled=False`` off everywhere."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="problem", dynamic_ncols=True,
+                disable=None if enabled else True)
+
+
+def _advance(bar, done: int, counts: TokenCounts, t0: float) -> None:
+    bar.update(done)
+    bar.set_postfix_str(f"{counts.generated / max(time.time() - t0, 1e-9):.1f} tok/s")
+
+
 def search_accuracy(policy, value, tokenizer, encoded, cfg: SearchConfig,
-                    batch_size: int = 16) -> dict:
+                    batch_size: int = 16, progress: bool = True) -> dict:
     """Beam-search accuracy over ``encoded`` (problem, prompt ids) pairs, and the tokens each
     model processed. Problems are batched; each problem's draws depend on its index only."""
     t0 = time.time()
+    bar = _progress_bar(len(encoded), "beam search", progress)
     eos, ends = stop_token_ids(policy, tokenizer), step_end_ids(tokenizer)
     counts, correct, pool_correct, predictions, all_results = TokenCounts(), 0, 0, [], []
     kinds = {p.kind for p, _ in encoded}
@@ -96,17 +111,21 @@ def search_accuracy(policy, value, tokenizer, encoded, cfg: SearchConfig,
                 for c in res.pool)
             predictions.append({"problem_id": problem.id, "response": text, "answer": answer,
                                 "value": res.value, "finished": res.finished, "correct": ok})
+        _advance(bar, len(chunk), counts, t0)
+    bar.close()
     n = max(len(encoded), 1)
     return {"accuracy": correct / n, "pool_accuracy": pool_correct / n, "beams": cfg.beams,
-            "candidates": cfg.candidates,
+            "candidates": cfg.candidates, "generated_tokens": counts.generated,
             "policy_tokens": counts.policy, "value_tokens": counts.value,
             "padded_slots": counts.padded_slots, "seconds": round(time.time() - t0, 2),
             "value_diagnostics": value_diagnostics(all_results), "predictions": predictions}
 
 
 def best_of_n_accuracy(policy, value, tokenizer, encoded, n: int, sampling: SamplingConfig,
-                       seed: int = 0, batch_size: int = 8, kv_sharing: str = "cascade") -> dict:
+                       seed: int = 0, batch_size: int = 8, kv_sharing: str = "cascade",
+                       progress: bool = True) -> dict:
     t0 = time.time()
+    bar = _progress_bar(len(encoded), f"best-of-{n}", progress)
     eos = stop_token_ids(policy, tokenizer)
     counts, correct = TokenCounts(), 0
     for start in range(0, len(encoded), batch_size):
@@ -118,5 +137,8 @@ def best_of_n_accuracy(policy, value, tokenizer, encoded, n: int, sampling: Samp
             answer = extract_answer(problem.kind, tokenizer.decode(res.tokens,
                                                                    skip_special_tokens=True))
             correct += is_correct(problem.kind, problem.answer, answer)
-    return {"accuracy": correct / max(len(encoded), 1), "n": n, "value_tokens": counts.value,
+        _advance(bar, len(chunk), counts, t0)
+    bar.close()
+    return {"accuracy": correct / max(len(encoded), 1), "n": n,
+            "generated_tokens": counts.generated, "value_tokens": counts.value,
             "seconds": round(time.time() - t0, 2)}

@@ -38,9 +38,9 @@ def feed_tokens(model, ids: torch.Tensor, mask: torch.Tensor, next_pos: torch.Te
                 attention_mask, counts, which: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Run ``model`` on ``ids`` [R, T] after the columns ``cache`` holds, at explicit
     positions counted from ``next_pos`` over the real tokens of ``mask``; ``attention_mask``
-    is whatever the model's attention needs (a 2D mask, or the cascade's batch). Returns the
-    logits (policy) or values (value model) of every fed position and the rows' next
-    positions."""
+    is the 2D mask over all columns (None on the cascade path, whose attention reads its
+    masks elsewhere). Returns the logits (policy) or values (value model) of every fed
+    position and the rows' next positions."""
     positions = next_pos[:, None] + (mask.cumsum(1) - 1).clamp(min=0)
     kwargs = {"logits_to_keep": 1} if ids.shape[1] == 1 and is_lm(model) else {}
     out = model(input_ids=ids, attention_mask=attention_mask, position_ids=positions,

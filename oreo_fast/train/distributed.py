@@ -32,6 +32,18 @@ class Runtime:
         return self.rank == 0
 
 
+def quiet_transformers_unless_main(rank: int) -> None:
+    """On ranks other than 0, no transformers progress bars ("Loading weights", "Writing
+    model shards") and only its errors: every rank loads the same folders, so each would
+    repeat rank 0's bars and load reports; rank 0 keeps transformers' own settings."""
+    if rank == 0:
+        return
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+
 def set_up(dtype: str, collective_timeout_s: float, device: str = "auto") -> Runtime:
     """The device (``device`` "auto" or "cuda": CUDA device LOCAL_RANK, "auto" falling back
     to the CPU without CUDA; "cpu": the CPU), the compute dtype (``dtype`` "auto": bf16 on

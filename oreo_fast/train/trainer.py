@@ -28,7 +28,7 @@ from oreo_fast.train.checkpoint import Checkpointer, check_run_inputs
 from oreo_fast.train.config import TrainConfig, load_train_config, save_config
 from oreo_fast.train.data import (collate_examples, plan_global_batches, rank_micro_batches,
                                   read_training_examples)
-from oreo_fast.train.distributed import exit_with_launcher, set_up
+from oreo_fast.train.distributed import exit_with_launcher, quiet_transformers_unless_main, set_up
 from oreo_fast.train.metrics import MetricSinks, plot_curves, write_history
 from oreo_fast.train.parallelize import apply_liger, attention_backend
 from oreo_fast.train.schedule import cosine_with_warmup, warmup_steps_for
@@ -42,6 +42,7 @@ class Trainer:
             torch.set_num_threads(cfg.threads)
         self.runtime = set_up(cfg.dtype, cfg.collective_timeout_s, cfg.device)
         self.device, self.rank = self.runtime.device, self.runtime.rank
+        quiet_transformers_unless_main(self.rank)
         self.world_size = self.runtime.world_size
         self.output_dir = Path(cfg.output_dir)
         check_run_inputs(cfg, self.output_dir)

@@ -259,3 +259,20 @@ def test_math_shaped_files_go_through_math_verify(default, tmp_path):
         own.append(bool(boxed) and int(boxed[-1]) == gold[p["problem_id"]])
     assert report["greedy_accuracy"] == pytest.approx(sum(own) / len(own))
     assert report["greedy_accuracy"] > 0
+
+
+def test_eval_tokens_per_second_counts_the_searches_tokens(default, trained, tmp_path):
+    common = dict(model=str(trained), problems=str(default["test"]), n_samples=2,
+                  max_new_tokens=12, seed=3)
+    plain = run_eval(EvalConfig(**common, out=str(tmp_path / "plain.json")))
+    searched = run_eval(EvalConfig(**common, out=str(tmp_path / "search.json"),
+                                   value=str(trained), beams=2, candidates=2, max_steps=2,
+                                   max_step_tokens=6, best_of=2, progress=False))
+    search_tokens = (searched["beam_search"]["generated_tokens"] +
+                     searched["best_of_n"]["generated_tokens"])
+    assert searched["beam_search"]["generated_tokens"] > 0
+    assert searched["best_of_n"]["generated_tokens"] > 0
+    # greedy and samples are seeded alike: the difference is exactly the searches' tokens
+    assert searched["generated_tokens"] == plain["generated_tokens"] + search_tokens
+    assert searched["tokens_per_second"] == pytest.approx(
+        searched["generated_tokens"] / searched["seconds"], rel=0.05)

@@ -8,9 +8,9 @@ import torch
 
 from test_search import SIZE, TEXTS, _value, models  # noqa: F401 (the tiny models fixture)
 
-from oreo_fast.search.cascade import (ChildGroups, cascade_attention, cascade_attention_forward,
-                               materialize_rows, merge_attention, prefix_attention_torch,
-                               share_prefix)
+from oreo_fast.search.cascade import (ChildGroups, cascade_attention, merge_attention,
+                                     prefix_attention_torch)
+from oreo_fast.search.shared_prefix import materialize_rows, share_prefix
 from oreo_fast.kernels import TRITON_AVAILABLE
 from oreo_fast.search.kv import expand_rows, gather_compact, prefill
 
@@ -206,8 +206,6 @@ def test_bad_arguments_name_the_argument():
         ChildGroups.from_parent(torch.tensor([1, 0]), 2)
     with pytest.raises(ValueError, match="parent holds an index"):
         ChildGroups.from_parent(torch.tensor([0, 2]), 2)
-    with pytest.raises(ValueError, match="CascadeBatch"):
-        cascade_attention_forward(None, query, sk, sv, None)
 
 
 # ------------------------------------------------------------------- model level
@@ -337,3 +335,40 @@ def test_best_of_n_scores_the_same_with_shared_and_copied_prefixes(models):
                                    torch.tensor([c.value for c in b.pool]), atol=1e-5, rtol=0)
     with pytest.raises(ValueError, match="kv_sharing"):
         best_of_n(policy, value, prompts, 2, sampling, [tok.eos_token_id], 0, kv_sharing="x")
+
+
+def test_a_model_that_cannot_take_the_cascade_falls_back_to_copying_with_one_notice(
+        models, caplog, monkeypatch):
+    """A sliding-window Qwen2 (its window longer than every sequence here, so the answers
+    must not change): the search copies the prefix KV instead, says so once, and never
+    enters the cascade attention."""
+    from oreo_fast.search import shared_prefix
+    from oreo_fast.search.beam import SearchConfig, TokenCounts, beam_search, step_end_ids
+
+    tok, policy, value, prompts = models
+    config = policy.config.to_dict()
+    config.pop("layer_types")  # derived again from the window settings
+    config.update(use_sliding_window=True, sliding_window=512, max_window_layers=1)
+    windowed = type(policy)(type(policy.config).from_dict(config))
+    windowed.load_state_dict(policy.state_dict())
+    windowed.eval()
+    reason = shared_prefix.cascade_unsupported_reason(windowed)
+    assert "other than full attention" in reason and "sliding_attention" in reason
+    entered = []
+    monkeypatch.setattr(shared_prefix, "cascade_attention",
+                        lambda *a, **k: entered.append(1) / 0)
+    cfg = dict(beams=2, candidates=2, max_steps=2, max_step_tokens=3, seed=7)
+    args = (prompts, [tok.eos_token_id], step_end_ids(tok), tok.pad_token_id)
+    with caplog.at_level("WARNING", logger="oreo_fast"):
+        runs = [beam_search(windowed, value, args[0], SearchConfig(**cfg, kv_sharing=sharing),
+                            *args[1:], counts=TokenCounts()) for sharing in
+                ("cascade", "cascade", "copy")]
+    notices = [r.getMessage() for r in caplog.records if r.name == "oreo_fast"]
+    assert len(notices) == 1 and notices[0].count("\n") == 0, notices  # once, one line
+    assert "Qwen2ForCausalLM" in notices[0] and "kv_sharing=copy" in notices[0]
+    assert not entered
+    for a, b in zip(runs[0], runs[2]):
+        assert a.tokens == b.tokens and a.value == b.value
+    with pytest.raises(ValueError, match="other than full attention"):
+        with shared_prefix.cascade_attention_routed([windowed]):
+            pass

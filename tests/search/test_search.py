@@ -376,3 +376,63 @@ def test_pool_accuracy_counts_a_right_answer_the_ranking_missed(models, monkeypa
     problems = [(Problem(f"p{i}", "q", "#### 6", "6", "gsm8k"), [1, 2]) for i in range(2)]
     res = search_eval.search_accuracy(policy, value, tok, problems, SearchConfig())
     assert res["accuracy"] == 0 and res["pool_accuracy"] == 0.5
+
+
+def test_generated_tokens_count_every_sampled_token(models):
+    from oreo_fast.sampling import SamplingConfig
+
+    tok, policy, value, prompts = models
+    cfg = SearchConfig(beams=2, candidates=3, max_steps=3, max_step_tokens=4, seed=7)
+    results, counts = _run(beam_search, models, cfg)
+    # every candidate sampled its step's tokens and, when it ended so, its EOS
+    sampled = sum(len(c.step) + c.eos for r in results for step in r.candidates_per_step
+                  for c in step)
+    assert counts.generated == sampled > 0
+    counts = TokenCounts()
+    results = best_of_n(policy, value, prompts, 3, SamplingConfig(max_new_tokens=6),
+                        [tok.eos_token_id], tok.pad_token_id, seed=5, counts=counts)
+    assert counts.generated == sum(len(c.tokens) + c.finished for r in results for c in r.pool)
+
+
+class _Terminal:
+    """A stderr that says it is a terminal and keeps what is written to it."""
+
+    def __init__(self, is_terminal: bool):
+        self.text, self.is_terminal = "", is_terminal
+
+    def write(self, text):
+        self.text += text
+
+    def flush(self):
+        pass
+
+    def isatty(self):
+        return self.is_terminal
+
+
+@pytest.mark.parametrize("terminal,progress,shown", [(True, True, True), (True, False, False),
+                                                     (False, True, False)])
+def test_search_progress_bar_on_a_terminal_unless_asked_not_to(models, monkeypatch, terminal,
+                                                               progress, shown):
+    import sys
+
+    from oreo_fast.sampling import SamplingConfig
+    from oreo_fast.search import evaluate as search_eval
+    from oreo_fast.tasks.problems import Problem
+
+    tok, policy, value, prompts = models
+    encoded = [(Problem(f"p{i}", "q", "#### 6", "6", "gsm8k"), ids)
+               for i, ids in enumerate(prompts)]
+    stderr = _Terminal(terminal)
+    monkeypatch.setattr(sys, "stderr", stderr)
+    cfg = SearchConfig(beams=1, candidates=2, max_steps=1, max_step_tokens=2)
+    res = search_eval.search_accuracy(policy, value, tok, encoded, cfg, batch_size=2,
+                                      progress=progress)
+    assert res["generated_tokens"] > 0
+    search_eval.best_of_n_accuracy(policy, value, tok, encoded, 2,
+                                   SamplingConfig(max_new_tokens=2), progress=progress)
+    if shown:
+        assert "beam search" in stderr.text and "best-of-2" in stderr.text
+        assert f"{len(encoded)}/{len(encoded)}" in stderr.text and "tok/s" in stderr.text
+    else:
+        assert stderr.text == ""

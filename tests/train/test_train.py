@@ -297,3 +297,31 @@ def test_iterate_chains_rounds_from_the_last_policy(tiny, tmp_path):
     assert second["reference"] == str(out / "round-0" / "policy")  # the round's start
     assert second["value"] == str(out / "round-0" / "value")  # the value model carries over
     assert (out / "round-1" / "policy" / "model.safetensors").is_file()
+
+
+def test_progress_bar_total_is_the_planned_steps(tiny):
+    root, _, records = tiny
+    # 16 trajectories in batches of 8 over 3 epochs: 6 steps, or max_steps when fewer
+    assert Trainer(_config(root, epochs=3, output_dir=str(root / "p6"))).planned_steps == 6
+    assert Trainer(_config(root, epochs=3, max_steps=4,
+                           output_dir=str(root / "p4"))).planned_steps == 4
+    assert Trainer(_config(root, epochs=3, max_steps=9,
+                           output_dir=str(root / "p9"))).planned_steps == 6
+
+
+def test_transformers_bars_and_reports_only_on_rank_0():
+    from transformers.utils import logging as hf_logging
+
+    from oreo_fast.train.distributed import quiet_transformers_unless_main
+
+    before = hf_logging.get_verbosity()
+    hf_logging.enable_progress_bar()
+    try:
+        quiet_transformers_unless_main(0)
+        assert hf_logging.is_progress_bar_enabled() and hf_logging.get_verbosity() == before
+        quiet_transformers_unless_main(1)
+        assert not hf_logging.is_progress_bar_enabled()
+        assert hf_logging.get_verbosity() == hf_logging.ERROR
+    finally:
+        hf_logging.enable_progress_bar()
+        hf_logging.set_verbosity(before)
