@@ -99,11 +99,12 @@ def test_demo_passes_the_device_to_every_stage(default, loads, tmp_path, monkeyp
     monkeypatch.setattr(sft, "run_sft", lambda c: seen.setdefault("sft", c))
     monkeypatch.setattr(sample, "run_sample", lambda c: seen.setdefault("sample", c))
     monkeypatch.setattr(evaluate, "run_eval", lambda c: (seen.setdefault("eval", c), {
-        "greedy_accuracy": 0.5, "n_problems": 3})[1])
+        "greedy_accuracy": 0.5, "n_problems": 3, "greedy_correct": [1, 0, 1]})[1])
     monkeypatch.setattr(demo, "launch_training",
                         lambda overrides, *a: seen.setdefault("train", []).append(overrides))
     monkeypatch.setattr(demo, "demo_beam_search", lambda *a, **k: (seen.setdefault(
         "beam", k), {"test": 0.5, "val": 0.5, "config": {"beams": 1, "candidates": 1},
+                     "test_correct": [0, 1, 1], "val_correct": [1, 1, 0],
                      "sweep": {"accuracy_by_beams": {}}})[1])
     out = tmp_path / "demo"
     shutil.copytree(default["model"].parent, out / "default")
