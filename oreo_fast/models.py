@@ -24,7 +24,7 @@ from torch import nn
 from oreo_fast.config import reject, require_at_least
 from oreo_fast.errors import ModelDirError
 from oreo_fast.io import atomic_dir
-from oreo_fast.tokenizer import tokenizer_signature
+from oreo_fast.tokenizer import template_turn_end_id, tokenizer_signature
 
 VALUE_HEAD_FILE = "value_head.safetensors"
 VALUE_CONFIG_KEY = "oreo_value_model"
@@ -164,9 +164,10 @@ def save_model(model, tokenizer, out_dir: str | os.PathLike,
 
 
 def stop_token_ids(model, tokenizer) -> list[int]:
-    """The tokenizer's EOS plus any the model's generation config lists (chat models often
-    end turns with a token of their own)."""
-    ids = {tokenizer.eos_token_id}
+    """Every id that ends a response: the tokenizer's EOS, every EOS the model's generation
+    config lists (Llama 3 lists ``<|end_of_text|>`` and ``<|eot_id|>``), and the token the chat
+    template closes an assistant turn with (``<|im_end|>``), which a trajectory ends with."""
+    ids = {tokenizer.eos_token_id, template_turn_end_id(tokenizer)}
     configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     if configured is not None:
         ids.update(configured if isinstance(configured, (list, tuple)) else [configured])

@@ -13,7 +13,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from oreo_fast.config import reject, require_at_least
+from oreo_fast.config import reject, require_at_least, require_choice
 from oreo_fast.sampling import SamplingConfig, check_sampling
 from oreo_fast.search.beam import SearchConfig, check_kv_sharing
 from oreo_fast.search.evaluate import best_of_n_accuracy, load_value, search_accuracy
@@ -21,7 +21,7 @@ from oreo_fast.io import write_json, write_jsonl
 from oreo_fast.models import load_policy
 from oreo_fast.pipeline.sample import encode_problems, generate_responses
 from oreo_fast.tasks.problems import extract_answer, is_correct, load_problems
-from oreo_fast.tokenizer import load_tokenizer
+from oreo_fast.tokenizer import PROMPT_FORMATS, load_tokenizer
 
 log = logging.getLogger("oreo_fast")
 
@@ -44,6 +44,8 @@ class EvalConfig:
     seed: int = 0
     dtype: str = "float32"
     trust_remote_code: bool = False
+    prompt_format: str = "auto"  # plain | chat | auto (chat when the tokenizer has a template)
+    system_prompt: str | None = None  # system message of chat prompts (plain: a first paragraph)
     # value-guided search (oreo_fast.search.beam); needs --value
     value: str | None = None  # value model folder (OREO's output_dir/value)
     beams: int = 0  # B: beams per problem (0: no beam search)
@@ -56,6 +58,7 @@ class EvalConfig:
     search_batch_size: int = 16  # problems per beam-search batch
 
     def __post_init__(self):
+        require_choice(self, "prompt_format", PROMPT_FORMATS)
         require_at_least(self, 0, "n_samples", "beams", "best_of")
         require_at_least(self, 1, "batch_size", "max_prompt_length", "search_batch_size")
         check_sampling(self)
@@ -86,7 +89,8 @@ def run_eval(config: EvalConfig) -> dict:
                            config.trust_remote_code)
     problems = load_problems(config.problems, config.limit)
     encoded, dropped = encode_problems(tokenizer, problems, config.max_prompt_length,
-                                       config.strict, config.problems)
+                                       config.strict, config.problems, config.prompt_format,
+                                       config.system_prompt)
     greedy = SamplingConfig.of(config, temperature=0.0)
     greedy_out, n_tokens = generate_responses(model, tokenizer, encoded, greedy, 1,
                                               config.batch_size, config.seed, desc="greedy")

@@ -50,11 +50,14 @@ class IterateConfig:
     nproc: int = 1  # training processes (torchrun when > 1)
     threads: int = 1
     seed: int = 0
+    prompt_format: str = "auto"  # plain | chat | auto, for sampling, training and evaluation
+    system_prompt: str | None = None  # system message of chat prompts
     train_overrides: list[str] = field(default_factory=list)  # key=value for the trainer (TrainConfig)
 
     def __post_init__(self):
         require_at_least(self, 1, "rounds", "k", "max_new_tokens", "nproc", "threads")
         require_choice(self, "reference", ("previous", "initial"))
+        require_choice(self, "prompt_format", ("auto", "plain", "chat"))
         check_sampling(self)
 
 
@@ -71,10 +74,12 @@ def run_iterate(config: IterateConfig) -> dict:
         trajectories = run_sample(SampleConfig(
             model=str(policy), problems=config.problems, out=str(folder / "trajectories.jsonl"),
             k=config.k, temperature=config.temperature, max_new_tokens=config.max_new_tokens,
-            seed=config.seed + r))
+            seed=config.seed + r, prompt_format=config.prompt_format,
+            system_prompt=config.system_prompt))
         reference = policy if config.reference == "previous" else Path(config.policy)
         overrides = [f"policy={policy}", f"reference={reference}", f"train_file={trajectories}",
                      f"output_dir={folder}", f"seed={config.seed + r}", "progress=false",
+                     f"prompt_format={config.prompt_format}",
                      *([f"value={value}"] if value else []), *config.train_overrides]
         launch_training(overrides, config.nproc, folder / "train.log", config.threads)
         policy, value = folder / "policy", folder / "value"
@@ -83,7 +88,9 @@ def run_iterate(config: IterateConfig) -> dict:
                "seconds": time.time() - t0}
         if config.eval_problems:
             report = run_eval(EvalConfig(model=str(policy), problems=config.eval_problems,
-                                         out=str(folder / "eval.json"), n_samples=0))
+                                         out=str(folder / "eval.json"), n_samples=0,
+                                         prompt_format=config.prompt_format,
+                                         system_prompt=config.system_prompt))
             row["greedy_accuracy"] = report["greedy_accuracy"]
         rounds.append(row)
         write_json(out / "iterate.json", {"config": asdict(config), "rounds": rounds})

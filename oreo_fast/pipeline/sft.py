@@ -15,10 +15,11 @@ from pathlib import Path
 
 import torch
 
-from oreo_fast.config import require_at_least, require_finite
+from oreo_fast.config import require_at_least, require_choice, require_finite
 from oreo_fast.models import load_policy, save_model
 from oreo_fast.tasks.problems import load_problems
-from oreo_fast.tokenizer import drop_long, encode_pair, load_tokenizer
+from oreo_fast.tokenizer import (PROMPT_FORMATS, drop_long, encode_pair, load_tokenizer,
+                                 render_prompt, turn_end_id)
 from oreo_fast.train.schedule import cosine_with_warmup
 
 log = logging.getLogger("oreo_fast")
@@ -45,8 +46,11 @@ class SFTConfig:
     seed: int = 0
     dtype: str = "float32"
     trust_remote_code: bool = False
+    prompt_format: str = "auto"  # plain | chat | auto (chat when the tokenizer has a template)
+    system_prompt: str | None = None  # system message of chat prompts (plain: a first paragraph)
 
     def __post_init__(self):
+        require_choice(self, "prompt_format", PROMPT_FORMATS)
         require_finite(self, "epochs", "lr", positive=True)
         require_finite(self, "min_lr_ratio", "weight_decay", "grad_clip", minimum=0)
         require_at_least(self, 1, "batch_size", "max_length", "limit", "log_every")
@@ -54,9 +58,14 @@ class SFTConfig:
 
 
 def build_examples(tokenizer, problems, max_length: int, strict: bool = False,
-                   source: str | None = None) -> list[tuple[list[int], int]]:
-    """(token ids, prompt length) per problem, over-long ones dropped (or an error)."""
-    pairs = [encode_pair(tokenizer, p.prompt, p.solution) for p in problems]
+                   source: str | None = None, prompt_format: str = "auto",
+                   system_prompt: str | None = None) -> list[tuple[list[int], int]]:
+    """(token ids, prompt length) per problem, over-long ones dropped (or an error): the
+    prompt as sampling builds it, the gold solution, and the EOS trajectories end with."""
+    eos = turn_end_id(tokenizer, prompt_format)
+    pairs = [encode_pair(tokenizer, render_prompt(tokenizer, p.question, prompt_format,
+                                                  system_prompt), p.solution, eos_id=eos)
+             for p in problems]
     kept, _ = drop_long(pairs, [len(ids) for ids, _ in pairs], max_length, "example", strict,
                         source)
     return kept
@@ -110,7 +119,7 @@ def run_sft(config: SFTConfig) -> Path:
     model = load_policy(config.model, config.dtype, config.trust_remote_code)
     problems = load_problems(config.train, config.limit)
     examples = build_examples(tokenizer, problems, config.max_length, config.strict,
-                              config.train)
+                              config.train, config.prompt_format, config.system_prompt)
     if not examples:
         raise ValueError(f"no training example fits max_length={config.max_length}")
     eval_set = examples[:config.eval_examples]
