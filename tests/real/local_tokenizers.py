@@ -4,7 +4,8 @@
   turns end with ``<|im_end|>`` (the layout of Qwen2.5 / Qwen2.5-Math);
 - ``llama3``: byte-level BPE, BOS ``<|begin_of_text|>`` added by a TemplateProcessing
   post-processor (not by ``add_bos_token``), EOS ``<|end_of_text|>``, no pad token, a header
-  template whose turns end with ``<|eot_id|>``;
+  template whose turns end with ``<|eot_id|>``, and ``<|eom_id|>`` (Llama 3.1 lists it among
+  the generation config's EOS ids);
 - ``sentencepiece``: Metaspace BPE with ``<s>`` added by the post-processor, no template
   (the layout of Llama 2 / Mistral converted tokenizers).
 
@@ -55,7 +56,7 @@ def build(kind: str, folder):
         fast.chat_template = QWEN_TEMPLATE
     elif kind == "llama3":
         specials = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>",
-                    "<|end_header_id|>", "<|eot_id|>"]
+                    "<|end_header_id|>", "<|eot_id|>", "<|eom_id|>"]
         tok = _byte_level(specials)
         bos = tok.token_to_id("<|begin_of_text|>")
         tok.post_processor = processors.TemplateProcessing(

@@ -114,19 +114,27 @@ def _steer(model, first: list[int], then: int):
     model.lm_head.register_forward_hook(hook)
 
 
-@pytest.mark.parametrize("decode_token,truncated", [("<|eot_id|>", False), ("0", True)])
-def test_sampling_stops_at_every_eos_and_marks_truncation(toks, tmp_path, decode_token,
+GEN_EOS = {"llama3": ["<|end_of_text|>", "<|eom_id|>", "<|eot_id|>"],  # as Llama 3.1 ships
+           "qwen": ["<|endoftext|>"]}  # as Qwen2.5-Math-1.5B (base) ships: not <|im_end|>
+STARTS = {"llama3": "<|begin_of_text|><|start_header_id|>user", "qwen": "<|im_start|>system"}
+
+
+@pytest.mark.parametrize("kind,decode_token,truncated", [
+    ("llama3", "<|eot_id|>", False), ("llama3", "<|eom_id|>", False),
+    ("qwen", "<|im_end|>", False), ("llama3", "0", True)])
+def test_sampling_stops_at_every_eos_and_marks_truncation(toks, tmp_path, kind, decode_token,
                                                           truncated):
-    """A Llama-3-style model ends turns with <|eot_id|>, listed in its generation config
-    next to <|end_of_text|>: sampling must stop there. Cut by max_new_tokens, the sample is
-    marked truncated and gets reward 0 although its text holds the right answer."""
+    """Sampling stops at every EOS of the model's generation config (Llama 3.1 lists
+    <|end_of_text|>, <|eom_id|> and <|eot_id|>) and at the template's turn end even when the
+    config does not list it (<|im_end|> for Qwen2.5-Math base). Cut by max_new_tokens, the
+    sample is marked truncated and gets reward 0 although its text holds the right answer."""
     from oreo_fast.models import save_model
     from oreo_fast.pipeline.sample import SampleConfig, run_sample
 
-    tok = toks["llama3"]
-    eot = tok.convert_tokens_to_ids("<|eot_id|>")
-    model = local_tokenizers.tiny_model(tok, [tok.eos_token_id, eot], "llama")
-    assert stop_token_ids(model, tok) == sorted({tok.eos_token_id, eot})
+    tok = toks[kind]
+    gen_eos = tok.convert_tokens_to_ids(GEN_EOS[kind])
+    model = local_tokenizers.tiny_model(tok, gen_eos, "llama" if kind == "llama3" else "qwen2")
+    assert stop_token_ids(model, tok) == sorted({*gen_eos, turn_end_id(tok)})
     save_model(model, tok, tmp_path / "m")
     problems = tmp_path / "p.jsonl"
     problems.write_text(json.dumps({"question": QUESTION, "answer": "#### 7"}) + "\n")
@@ -152,4 +160,4 @@ def test_sampling_stops_at_every_eos_and_marks_truncation(toks, tmp_path, decode
         assert r["truncated"] is truncated and r["finished"] is not truncated
         assert r["response"] == "#### 7"
         assert r["reward"] == (0 if truncated else 1) and r["prompt_format"] == "chat"
-        assert r["prompt"].startswith("<|begin_of_text|><|start_header_id|>user")
+        assert r["prompt"].startswith(STARTS[kind])
