@@ -35,7 +35,7 @@ class EvalConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
-    max_new_tokens: int = 128
+    max_new_tokens: int = 1024  # GSM8K/MATH solutions of 1.5B-7B models (the demo: 128)
     batch_size: int = 64
     max_prompt_length: int = 512
     strict: bool = False

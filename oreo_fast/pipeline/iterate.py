@@ -44,7 +44,7 @@ class IterateConfig:
     rounds: int = 3
     k: int = 8  # responses per problem per round
     temperature: float = 1.0
-    max_new_tokens: int = 128
+    max_new_tokens: int = 1024  # GSM8K/MATH solutions of 1.5B-7B models (the demo: 128)
     reference: str = "previous"  # "previous": the round's starting policy; "initial": policy
     eval_problems: str = ""  # evaluated (greedy) after every round when given
     nproc: int = 1  # training processes (torchrun when > 1)

@@ -40,7 +40,7 @@ class SampleConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
-    max_new_tokens: int = 128
+    max_new_tokens: int = 1024  # GSM8K/MATH solutions of 1.5B-7B models (the demo: 128)
     batch_size: int = 32  # problems per batch (x k sequences)
     balance: int | None = None  # keep at most n positive and n negative per problem
     max_prompt_length: int = 512  # longer prompts are dropped (an error under strict)

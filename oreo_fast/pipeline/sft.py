@@ -31,14 +31,16 @@ class SFTConfig:
     model: str  # checkpoint folder to start from
     train: str  # problem JSONL (GSM8K or MATH shape)
     out: str  # checkpoint folder to write
-    epochs: float = 8.0
+    # defaults for a 1.5B-7B model on GSM8K/MATH (estimated, see README "Bring your own model
+    # and data"); the embedded demo passes its own (oreo_fast.pipeline.demo.EMBEDDED_SFT)
+    epochs: float = 3.0
     batch_size: int = 32
-    lr: float = 2e-3
+    lr: float = 1e-5
     min_lr_ratio: float = 0.1  # cosine decay ends at lr * min_lr_ratio
     warmup_steps: int = 20
     weight_decay: float = 0.0
     grad_clip: float = 1.0
-    max_length: int = 256  # prompt + response tokens; longer examples are dropped
+    max_length: int = 1024  # prompt + response tokens; longer examples are dropped
     limit: int | None = None  # use only the first N problems
     strict: bool = False  # an over-long example is an error instead of a warning
     log_every: int = 20
