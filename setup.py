@@ -21,7 +21,10 @@ setup(
         "torch>=2.4",
         "triton>=3.0; platform_system == 'Linux'",
         "numpy",
-        "transformers>=4.56",  # from_pretrained(dtype=...), DynamicCache(config=...)
+        # >=4.56: from_pretrained(dtype=...), DynamicCache(config=...); tested with 5.24 (the
+        # KV cache goes by its 5.24 name `cache` where the model takes it, else
+        # `past_key_values`: oreo_fast.models.cache_arg). Raise the bound after testing a newer one.
+        "transformers>=4.56,<5.25",
         "tokenizers>=0.20",
         "safetensors>=0.4",
         "tqdm",
