@@ -29,8 +29,11 @@ log = logging.getLogger("oreo_fast")
 @dataclass
 class EvalConfig:
     model: str  # policy checkpoint folder
-    problems: str  # problem JSONL (GSM8K or MATH shape)
+    problems: str  # problems: JSONL, parquet, arrow, datasets folder or cached hub name
     out: str  # JSON report to write
+    split: str | None = None  # split of a datasets folder or hub dataset (default: test)
+    subset: str | None = None  # configuration of a hub dataset (GSM8K: main)
+    columns: str | None = None  # role=column pairs, e.g. question=problem,solution=solution
     n_samples: int = 8  # 0: greedy only
     temperature: float = 1.0
     top_p: float = 1.0
@@ -87,7 +90,8 @@ def run_eval(config: EvalConfig) -> dict:
     if config.value and (config.beams or config.best_of):  # checked before any decoding
         value = load_value(config.value, model, tokenizer, config.dtype,
                            config.trust_remote_code)
-    problems = load_problems(config.problems, config.limit)
+    problems = load_problems(config.problems, config.limit, config.split or "test",
+                             config.subset, config.columns)
     encoded, dropped = encode_problems(tokenizer, problems, config.max_prompt_length,
                                        config.strict, config.problems, config.prompt_format,
                                        config.system_prompt)

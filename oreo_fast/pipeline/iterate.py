@@ -51,6 +51,9 @@ class IterateConfig:
     threads: int = 1
     seed: int = 0
     prompt_format: str = "auto"  # plain | chat | auto, for sampling, training and evaluation
+    split: str | None = None  # split of a datasets source for sampling (default: train)
+    subset: str | None = None  # configuration of a hub dataset (GSM8K: main)
+    columns: str | None = None  # role=column pairs, e.g. question=problem,solution=solution
     system_prompt: str | None = None  # system message of chat prompts
     train_overrides: list[str] = field(default_factory=list)  # key=value for the trainer (TrainConfig)
 
@@ -74,7 +77,8 @@ def run_iterate(config: IterateConfig) -> dict:
         trajectories = run_sample(SampleConfig(
             model=str(policy), problems=config.problems, out=str(folder / "trajectories.jsonl"),
             k=config.k, temperature=config.temperature, max_new_tokens=config.max_new_tokens,
-            seed=config.seed + r, prompt_format=config.prompt_format,
+            seed=config.seed + r, prompt_format=config.prompt_format, split=config.split,
+            subset=config.subset, columns=config.columns,
             system_prompt=config.system_prompt))
         reference = policy if config.reference == "previous" else Path(config.policy)
         overrides = [f"policy={policy}", f"reference={reference}", f"train_file={trajectories}",
@@ -90,6 +94,7 @@ def run_iterate(config: IterateConfig) -> dict:
             report = run_eval(EvalConfig(model=str(policy), problems=config.eval_problems,
                                          out=str(folder / "eval.json"), n_samples=0,
                                          prompt_format=config.prompt_format,
+                                         subset=config.subset, columns=config.columns,
                                          system_prompt=config.system_prompt))
             row["greedy_accuracy"] = report["greedy_accuracy"]
         rounds.append(row)

@@ -34,8 +34,11 @@ log = logging.getLogger("oreo_fast")
 @dataclass
 class SampleConfig:
     model: str  # policy checkpoint folder
-    problems: str  # problem JSONL (GSM8K or MATH shape)
+    problems: str  # problems: JSONL, parquet, arrow, datasets folder or cached hub name
     out: str  # trajectory JSONL to write
+    split: str | None = None  # split of a datasets folder or hub dataset (default: train)
+    subset: str | None = None  # configuration of a hub dataset (GSM8K: main)
+    columns: str | None = None  # role=column pairs, e.g. question=problem,solution=solution
     k: int = 8  # responses per problem
     temperature: float = 1.0
     top_p: float = 1.0
@@ -112,7 +115,8 @@ def run_sample(config: SampleConfig) -> Path:
     t0 = time.time()
     tokenizer = load_tokenizer(config.model, config.trust_remote_code)
     model = load_policy(config.model, config.dtype, config.trust_remote_code)
-    problems = load_problems(config.problems, config.limit)
+    problems = load_problems(config.problems, config.limit, config.split or "train",
+                             config.subset, config.columns)
     encoded, dropped = encode_problems(tokenizer, problems, config.max_prompt_length,
                                        config.strict, config.problems, config.prompt_format,
                                        config.system_prompt)

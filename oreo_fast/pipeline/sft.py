@@ -29,8 +29,11 @@ IGNORE = -100
 @dataclass
 class SFTConfig:
     model: str  # checkpoint folder to start from
-    train: str  # problem JSONL (GSM8K or MATH shape)
+    train: str  # problems: JSONL, parquet, arrow, datasets folder or cached hub name
     out: str  # checkpoint folder to write
+    split: str | None = None  # split of a datasets folder or hub dataset (default: train)
+    subset: str | None = None  # configuration of a hub dataset (GSM8K: main)
+    columns: str | None = None  # role=column pairs, e.g. question=problem,solution=solution
     # defaults for a 1.5B-7B model on GSM8K/MATH (estimated, see README "Bring your own model
     # and data"); the embedded demo passes its own (oreo_fast.pipeline.demo.EMBEDDED_SFT)
     epochs: float = 3.0
@@ -119,7 +122,8 @@ def run_sft(config: SFTConfig) -> Path:
     rng = random.Random(config.seed)
     tokenizer = load_tokenizer(config.model, config.trust_remote_code)
     model = load_policy(config.model, config.dtype, config.trust_remote_code)
-    problems = load_problems(config.train, config.limit)
+    problems = load_problems(config.train, config.limit, config.split or "train", config.subset,
+                             config.columns)
     examples = build_examples(tokenizer, problems, config.max_length, config.strict,
                               config.train, config.prompt_format, config.system_prompt)
     if not examples:

@@ -30,7 +30,8 @@ from dataclasses import dataclass
 import torch
 
 from oreo_fast.errors import DataError
-from oreo_fast.io import read_jsonl, require
+from oreo_fast.io import require
+from oreo_fast.tasks.sources import read_records
 from oreo_fast.ops.loss import state_mask_for_level
 from oreo_fast.tokenizer import chat_markup, encode_prompt, resolve_prompt_format, turn_end_id
 
@@ -159,7 +160,7 @@ def read_training_examples(path, tokenizer, max_length: int, delimiters: list[st
     layout = Layout.of(tokenizer, prompt_format)
     fmt = "chat" if layout.chat else "plain"
     examples, too_long, truncated = [], [], []
-    for lineno, record in read_jsonl(path):
+    for lineno, record in read_records(path):  # JSONL, parquet or arrow
         prompt = require(record, "prompt", str, path, lineno, allow_empty=True)
         reward = require(record, "reward", (int, float, bool), path, lineno)
         try:
