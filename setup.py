@@ -42,6 +42,8 @@ setup(
         "flash": ["flash-attn>=2.6"],
         # problems and trajectories from parquet / arrow / save_to_disk / cached hub datasets
         "datasets": ["datasets>=3", "pyarrow>=15"],
+        # `oreo-fast sample --engine vllm` (CUDA only; vLLM pins its own torch build)
+        "vllm": ["vllm>=0.8"],
     },
     entry_points={"console_scripts": ["oreo-fast = oreo_fast.cli:main"]},
 )

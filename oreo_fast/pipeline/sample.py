@@ -27,6 +27,7 @@ from oreo_fast.tasks.problems import Problem, extract_answer, is_correct, load_p
 from oreo_fast.tokenizer import (PROMPT_FORMATS, drop_long, encode_pair, load_tokenizer,
                                  render_prompt, resolve_prompt_format)
 from oreo_fast.pipeline.trajectories import balance
+from oreo_fast.pipeline.vllm_engine import import_vllm, vllm_responses
 
 log = logging.getLogger("oreo_fast")
 
@@ -54,10 +55,12 @@ class SampleConfig:
     trust_remote_code: bool = False
     prompt_format: str = "auto"  # plain | chat | auto (chat when the tokenizer has a template)
     system_prompt: str | None = None  # system message of chat prompts (plain: a first paragraph)
+    engine: str = "hf"  # hf (our KV-cache loop) or vllm (extra [vllm], a CUDA GPU)
 
     def __post_init__(self):
         require_at_least(self, 1, "k", "batch_size", "max_prompt_length", "balance", "limit")
         require_choice(self, "prompt_format", PROMPT_FORMATS)
+        require_choice(self, "engine", ("hf", "vllm"))
         check_sampling(self)
 
 
@@ -114,16 +117,21 @@ def run_sample(config: SampleConfig) -> Path:
     counts, reward rate, tokens/s and config. Returns the trajectory path."""
     t0 = time.time()
     tokenizer = load_tokenizer(config.model, config.trust_remote_code)
-    model = load_policy(config.model, config.dtype, config.trust_remote_code)
+    if config.engine == "vllm":
+        import_vllm()  # a missing package or GPU fails before any work
     problems = load_problems(config.problems, config.limit, config.split or "train",
                              config.subset, config.columns)
     encoded, dropped = encode_problems(tokenizer, problems, config.max_prompt_length,
                                        config.strict, config.problems, config.prompt_format,
                                        config.system_prompt)
     prompt_format = resolve_prompt_format(tokenizer, config.prompt_format)
-    sampling = SamplingConfig.of(config)
-    responses, n_tokens = generate_responses(model, tokenizer, encoded, sampling, config.k,
-                                             config.batch_size, config.seed)
+    if config.engine == "vllm":
+        responses, n_tokens = vllm_responses(config, tokenizer, encoded, config.seed)
+    else:
+        model = load_policy(config.model, config.dtype, config.trust_remote_code)
+        responses, n_tokens = generate_responses(model, tokenizer, encoded,
+                                                 SamplingConfig.of(config), config.k,
+                                                 config.batch_size, config.seed)
     records, empty = [], 0
     for (problem, _), samples in zip(encoded, responses):
         prompt = render_prompt(tokenizer, problem.question, prompt_format, config.system_prompt)
