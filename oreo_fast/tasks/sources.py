@@ -40,7 +40,7 @@ def read_records(source: str | os.PathLike, split: str | None = None,
     path = Path(source)
     if path.is_file():
         if path.suffix in TABLE_SUFFIXES:
-            yield from enumerate(_read_table(path).to_pylist(), start=1)
+            yield from enumerate(map(_present, _read_table(path).to_pylist()), start=1)
         else:
             yield from read_jsonl(path)
         return
@@ -52,7 +52,13 @@ def read_records(source: str | os.PathLike, split: str | None = None,
     else:
         dataset = _load_cached(str(source), subset, source)
     dataset = _pick_split(dataset, split, source)
-    yield from enumerate((dict(row) for row in dataset), start=1)
+    yield from enumerate(map(_present, dataset), start=1)
+
+
+def _present(row) -> dict:
+    """A table row without its null cells: a column some rows lack (``turns`` next to
+    ``response`` in a mixed trajectory file) is absent from those rows, as in JSONL."""
+    return {key: value for key, value in dict(row).items() if value is not None}
 
 
 def _read_table(path: Path):

@@ -174,10 +174,11 @@ def read_training_examples(path, tokenizer, max_length: int, delimiters: list[st
         if not isinstance(was_cut, bool):
             raise DataError(f"expected true or false, got {was_cut!r:.40}", path, lineno,
                             "truncated")
-        if record.get("prompt_format", fmt) != fmt:
-            raise DataError(f"sampled with prompt_format {record['prompt_format']!r:.20} but this "
-                            f"run uses {fmt!r} (set prompt_format={record['prompt_format']:.20})",
-                            path, lineno, "prompt_format")
+        sampled_as = record.get("prompt_format", fmt)
+        if sampled_as != fmt:
+            shown = str(sampled_as)[:20]
+            raise DataError(f"sampled with prompt_format {shown!r} but this run uses {fmt!r} "
+                            f"(set prompt_format={shown})", path, lineno, "prompt_format")
         if "turns" in record:
             turns = _read_turns(record["turns"], path, lineno)
         else:

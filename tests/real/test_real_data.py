@@ -88,3 +88,26 @@ def test_missing_datasets_package_names_the_fix(tmp_path, monkeypatch):
     with pytest.raises(DataError, match=r"needs the datasets package: pip install "
                                         r"'oreo_fast\[datasets\]'"):
         load_problems(tmp_path / "folder")
+
+
+def test_mixed_parquet_trajectories_train_like_the_jsonl(tmp_path):
+    """Single- and multi-turn records in one parquet file: the null cells of the other shape
+    are absent, as in JSONL."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from oreo_fast.tokenizer import build_tokenizer
+    from oreo_fast.train.data import read_training_examples
+
+    tok = build_tokenizer(["Question: a\nAnswer:\n1 + 2 = 3\n#### 3"])
+    turns = [{"role": "assistant", "content": "1 + 2"}, {"role": "user", "content": "and?"},
+             {"role": "assistant", "content": "= 3"}]
+    records = [{"prompt": "Q\n", "response": "1 + 2 = 3", "reward": 1},
+               {"prompt": "Q\n", "turns": turns, "reward": 0}]
+    write_jsonl(tmp_path / "t.jsonl", records)
+    pq.write_table(pa.table({"prompt": ["Q\n", "Q\n"], "response": ["1 + 2 = 3", None],
+                             "turns": [None, turns], "reward": [1, 0]}), tmp_path / "t.parquet")
+    want, _ = read_training_examples(tmp_path / "t.jsonl", tok, 64)
+    got, _ = read_training_examples(tmp_path / "t.parquet", tok, 64)
+    assert [(e.ids, e.is_action, e.starts_step, e.reward) for e in got] == \
+        [(e.ids, e.is_action, e.starts_step, e.reward) for e in want]
