@@ -45,6 +45,8 @@ def test_plain_prompts_are_encoded_as_the_tokenizer_encodes_them(toks, kind, bos
     first = tok.convert_ids_to_tokens(ids[0])
     assert (first == bos) if bos else first not in tok.all_special_tokens
     assert ids.count(tok.bos_token_id) == (1 if bos else 0) or tok.bos_token_id is None
+    if kind == "llama3":  # ships no pad token: padding falls back to EOS, on the left
+        assert tok.pad_token_id == tok.eos_token_id and tok.padding_side == "left"
 
 
 @pytest.mark.parametrize("kind,turn_end", [("qwen", "<|im_end|>"), ("llama3", "<|eot_id|>")])
