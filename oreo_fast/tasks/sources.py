@@ -86,16 +86,22 @@ def _load_from_disk(path: Path):
 
 
 def _load_cached(name: str, subset: str | None, source):
-    """A hub dataset from the local cache, never the network."""
-    os.environ["HF_DATASETS_OFFLINE"] = "1"
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    """A hub dataset from the local cache, never the network. Offline mode is switched on for
+    the call through the libraries' own flags (their environment variables are read once, at
+    import, and transformers has imported huggingface_hub by now)."""
     datasets = _need("datasets", source)
+    import huggingface_hub.constants as hub
+
+    saved = hub.HF_HUB_OFFLINE, datasets.config.HF_HUB_OFFLINE
+    hub.HF_HUB_OFFLINE = datasets.config.HF_HUB_OFFLINE = True
     try:
         return datasets.load_dataset(name, subset)
     except Exception as e:  # datasets raises many kinds (ConnectionError, ValueError, ...)
         raise DataError(f"neither a file nor a folder, and not a dataset in the local datasets "
                         f"cache ({type(e).__name__}: {str(e)[:160]}); load_dataset({name!r}) "
                         "once online, or save_to_disk / to_parquet it", source) from None
+    finally:
+        hub.HF_HUB_OFFLINE, datasets.config.HF_HUB_OFFLINE = saved
 
 
 def _pick_split(dataset, split: str | None, source):
