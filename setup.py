@@ -21,7 +21,10 @@ setup(
         "torch>=2.4",
         "triton>=3.0; platform_system == 'Linux'",
         "numpy",
-        "transformers>=4.56",  # from_pretrained(dtype=...), DynamicCache(config=...)
+        # >=4.56: from_pretrained(dtype=...), DynamicCache(config=...); tested with 5.24 (the
+        # KV cache goes by its 5.24 name `cache` where the model takes it, else
+        # `past_key_values`: oreo_fast.models.cache_arg). Raise the bound after testing a newer one.
+        "transformers>=4.56,<5.25",
         "tokenizers>=0.20",
         "safetensors>=0.4",
         "tqdm",
@@ -34,8 +37,13 @@ setup(
             "pytest-benchmark>=4",
             "hypothesis>=6",
             "liger-kernel>=0.5",
+            "datasets>=3",  # ~30 s more on `make setup` here; the datasets-input tests need it
         ],
         "flash": ["flash-attn>=2.6"],
+        # problems and trajectories from parquet / arrow / save_to_disk / cached hub datasets
+        "datasets": ["datasets>=3", "pyarrow>=15"],
+        # `oreo-fast sample --engine vllm` (CUDA only; vLLM pins its own torch build)
+        "vllm": ["vllm>=0.8"],
     },
     entry_points={"console_scripts": ["oreo-fast = oreo_fast.cli:main"]},
 )

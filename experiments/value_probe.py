@@ -96,8 +96,8 @@ def load_examples(run: Path, tokenizer, label: str) -> list[ProbeExample]:
     path = run / "trajectories.jsonl"
     records = [r for _, r in read_jsonl(path)]
     tokenized, dropped = read_training_examples(path, tokenizer, max_length=256)
-    if dropped:
-        raise ValueError(f"{path}: {dropped} trajectories too long for the probe")
+    if dropped.too_long or dropped.truncated:
+        raise ValueError(f"{path}: {dropped} trajectories too long or truncated for the probe")
     examples, group_of, skipped = [], {}, 0
     for record, ex in zip(records, tokenized):
         labels, checks = (step_labels(record["response"], gold[record["problem_id"]],

@@ -12,6 +12,8 @@ backbone's own checkpoint plus ``value_head.safetensors``, and config.json gains
 """
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 import os
 from dataclasses import dataclass
@@ -24,7 +26,7 @@ from torch import nn
 from oreo_fast.config import reject, require_at_least
 from oreo_fast.errors import ConfigError, ModelDirError
 from oreo_fast.io import atomic_dir
-from oreo_fast.tokenizer import tokenizer_signature
+from oreo_fast.tokenizer import template_turn_end_id, tokenizer_signature
 
 VALUE_HEAD_FILE = "value_head.safetensors"
 VALUE_CONFIG_KEY = "oreo_value_model"
@@ -237,9 +239,10 @@ def save_model(model, tokenizer, out_dir: str | os.PathLike,
 
 
 def stop_token_ids(model, tokenizer) -> list[int]:
-    """The tokenizer's EOS plus any the model's generation config lists (chat models often
-    end turns with a token of their own)."""
-    ids = {tokenizer.eos_token_id}
+    """Every id that ends a response: the tokenizer's EOS, every EOS the model's generation
+    config lists (Llama 3 lists ``<|end_of_text|>`` and ``<|eot_id|>``), and the token the chat
+    template closes an assistant turn with (``<|im_end|>``), which a trajectory ends with."""
+    ids = {tokenizer.eos_token_id, template_turn_end_id(tokenizer)}
     configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     if configured is not None:
         ids.update(configured if isinstance(configured, (list, tuple)) else [configured])
@@ -250,7 +253,7 @@ def stop_token_ids(model, tokenizer) -> list[int]:
 class ValueOutput:
     values: torch.Tensor  # [B, L] float32, V of each prefix
     hidden_states: torch.Tensor  # [B, L, H] the final-norm hidden states
-    past_key_values: Any = None  # the backbone's cache when use_cache=True
+    cache: Any = None  # the backbone's cache when use_cache=True
 
 
 class ValueModel(nn.Module):
@@ -318,14 +321,29 @@ class ValueModel(nn.Module):
         return out_dir
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                position_ids: torch.Tensor | None = None, past_key_values=None,
+                position_ids: torch.Tensor | None = None, cache=None,
                 use_cache: bool = False) -> ValueOutput:
         out = self.backbone(input_ids=input_ids, attention_mask=attention_mask,
-                            position_ids=position_ids, past_key_values=past_key_values,
-                            use_cache=use_cache)
+                            position_ids=position_ids, use_cache=use_cache,
+                            **cache_arg(self.backbone, cache))
         hidden = out.last_hidden_state
         values = self.value_head(hidden).squeeze(-1).float()
-        return ValueOutput(values, hidden, out.past_key_values if use_cache else None)
+        if use_cache and cache is None:  # the backbone made one
+            cache = getattr(out, "cache", None)
+            cache = getattr(out, "past_key_values", None) if cache is None else cache
+        return ValueOutput(values, hidden, cache if use_cache else None)
+
+
+def cache_arg(model, cache) -> dict:
+    """``{name: cache}`` for ``model``'s forward. transformers 5.24 renamed the KV-cache
+    argument ``past_key_values`` to ``cache`` (the old name warns and goes in 5.40); releases
+    before the rename know only ``past_key_values``. :class:`ValueModel` takes ``cache``."""
+    return {} if cache is None else {_cache_arg_name(type(model)): cache}
+
+
+@functools.lru_cache(maxsize=None)
+def _cache_arg_name(cls) -> str:
+    return "cache" if "cache" in inspect.signature(cls.forward).parameters else "past_key_values"
 
 
 def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor,

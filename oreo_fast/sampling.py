@@ -1,5 +1,5 @@
 """Sampling: the settings, the token choice from logits, and batched generation with a KV
-cache (our own decoding loop over ``past_key_values``); shared by the pipeline (sampling,
+cache (our own decoding loop over a ``DynamicCache``); shared by the pipeline (sampling,
 evaluation) and the search (best-of-N).
 
 Why not ``model.generate``: the loop is short, makes positions explicit (left padding, with
@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from oreo_fast.config import reject, require_at_least
-from oreo_fast.models import left_pad
+from oreo_fast.models import cache_arg, left_pad
 
 
 @dataclass
@@ -97,7 +97,7 @@ def generate(model, prompts: list[list[int]], eos_token_id: int | list[int], pad
     ids, mask, positions = (t.to(device) for t in left_pad(prompts, pad_token_id))
     cache = DynamicCache(config=model.config)
     out = model(input_ids=ids, attention_mask=mask, position_ids=positions,
-                past_key_values=cache, use_cache=True, logits_to_keep=1)
+                use_cache=True, logits_to_keep=1, **cache_arg(model, cache))
     logits = out.logits[:, -1]
     if num_samples > 1:  # prefill once, then share the prompt's cache across its samples
         cache.batch_repeat_interleave(num_samples)
@@ -131,7 +131,7 @@ def generate(model, prompts: list[list[int]], eos_token_id: int | list[int], pad
             rows, tokens, mask, next_pos = rows[keep], tokens[keep], mask[keep], next_pos[keep]
         mask = torch.cat([mask, mask.new_ones((len(rows), 1))], dim=1)
         out = model(input_ids=tokens[:, None], attention_mask=mask,
-                    position_ids=next_pos[:, None], past_key_values=cache, use_cache=True)
+                    position_ids=next_pos[:, None], use_cache=True, **cache_arg(model, cache))
         logits = out.logits[:, -1]
         next_pos = next_pos + 1
     gens = [Generation(produced[r], finished[r]) for r in range(n_rows)]

@@ -15,7 +15,8 @@ from typing import Iterable
 
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from oreo_fast.errors import DataError, ModelDirError
+from oreo_fast.errors import ConfigError, DataError, ModelDirError
+from oreo_fast.tasks.problems import format_prompt
 
 BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
 SPECIAL_TOKENS = [PAD, BOS, EOS]
@@ -82,22 +83,126 @@ def loaded_tokenizer_signature(tok) -> tuple:
                                                      tok.pad_token_id)
 
 
+PROMPT_FORMATS = ("auto", "plain", "chat")
+
+
+def resolve_prompt_format(tokenizer, prompt_format: str = "auto") -> str:
+    """``plain`` or ``chat``: ``auto`` is ``chat`` when the tokenizer has a chat template."""
+    has_template = bool(getattr(tokenizer, "chat_template", None))
+    if prompt_format == "auto":
+        return "chat" if has_template else "plain"
+    if prompt_format not in PROMPT_FORMATS:
+        raise ConfigError(f"prompt_format: must be one of {PROMPT_FORMATS} (got {prompt_format!r})")
+    if prompt_format == "chat" and not has_template:
+        raise ConfigError("prompt_format: 'chat' needs a tokenizer with a chat template "
+                          "(tokenizer_config.json 'chat_template'); use 'plain'")
+    return prompt_format
+
+
+def render_prompt(tokenizer, question: str, prompt_format: str = "auto",
+                  system_prompt: str | None = None) -> str:
+    """THE prompt text of a question, for every job (SFT, sampling, eval, search).
+
+    ``plain``: ``Question: ...\nAnswer:\n`` (oreo_fast.tasks.PROMPT_TEMPLATE), after the
+    system prompt and a blank line when one is given. ``chat``: the tokenizer's own template
+    over ``[system?, user]`` with the generation prompt (the assistant header) appended.
+    """
+    if resolve_prompt_format(tokenizer, prompt_format) == "plain":
+        text = format_prompt(question)
+        return f"{system_prompt.strip()}\n\n{text}" if system_prompt else text
+    messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    messages.append({"role": "user", "content": question.strip()})
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def encode_prompt(tokenizer, prompt: str) -> list[int]:
+    """The ids the tokenizer itself gives ``prompt``: ``tokenizer(prompt)``, so a BOS added by
+    the post-processor (Llama 3, SentencePiece models) or by ``add_bos_token`` is kept. A text
+    that already begins with the BOS token (a chat template that writes it) gets no second
+    one, and an EOS appended by the post-processor is removed (a prompt does not end there)."""
+    bos, eos = tokenizer.bos_token, tokenizer.eos_token
+    if bos and prompt.startswith(bos):
+        return list(tokenizer.encode(prompt, add_special_tokens=False))
+    ids = list(tokenizer(prompt)["input_ids"])
+    if eos and ids and ids[-1] == tokenizer.eos_token_id and not prompt.endswith(eos):
+        ids.pop()
+    return ids
+
+
+_MARK = "\u2063OREO_MARK\u2063"  # a placeholder no template writes by itself
+
+
+def _rendered_after(tokenizer, role: str) -> tuple[str, str]:
+    """The template's text between an assistant turn's content and a ``role`` turn's content,
+    and the text after the latter (with the generation prompt for a non-assistant role)."""
+    messages = [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"},
+                {"role": role, "content": _MARK}]
+    try:
+        text = tokenizer.apply_chat_template(messages, tokenize=False,
+                                             add_generation_prompt=role != "assistant")
+    except Exception as e:  # the template's own check (roles, alternation)
+        raise DataError(f"the chat template cannot render a {role!r} turn after an assistant "
+                        f"turn: {e}") from None
+    cut = text.rindex(_MARK)
+    start = text.rindex("y", 0, cut) + 1
+    return text[start:cut], text[cut + len(_MARK):]
+
+
+def turn_end_id(tokenizer, prompt_format: str = "auto") -> int:
+    """The EOS a trajectory ends with: for ``chat``, the special token the template closes an
+    assistant turn with (``<|im_end|>``, ``<|eot_id|>``); else the tokenizer's EOS."""
+    if resolve_prompt_format(tokenizer, prompt_format) == "chat":
+        found = template_turn_end_id(tokenizer)
+        if found is not None:
+            return found
+    if tokenizer.eos_token_id is None:
+        raise ConfigError("the tokenizer has no eos_token: set one in tokenizer_config.json")
+    return tokenizer.eos_token_id
+
+
+def template_turn_end_id(tokenizer) -> int | None:
+    """The special token right after an assistant turn's content in the chat template, or
+    None (no template, or plain text follows the content)."""
+    if not getattr(tokenizer, "chat_template", None):
+        return None
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "x"}, {"role": "assistant", "content": _MARK}],
+        tokenize=False)
+    after = text[text.rindex(_MARK) + len(_MARK):]
+    ids = tokenizer.encode(after, add_special_tokens=False) if after else []
+    special = set(tokenizer.all_special_ids) | set(getattr(tokenizer, "added_tokens_decoder", {}))
+    return ids[0] if ids and ids[0] in special else None
+
+
+def chat_markup(tokenizer, role: str) -> tuple[str, str]:
+    """The template's markup around a ``role`` turn that follows an assistant turn, without
+    the assistant's turn end (an action of its own): (text before the content, text after
+    it). After a non-assistant turn the text ends with the next assistant header."""
+    before, after = _rendered_after(tokenizer, role)
+    end = template_turn_end_id(tokenizer)
+    if end is not None:
+        end_text = tokenizer.convert_ids_to_tokens(end)
+        if before.startswith(end_text):
+            before = before[len(end_text):]
+    return before, after
+
+
 def encode_pair(tokenizer, prompt: str, response: str | None = None,
-                add_eos: bool = True) -> tuple[list[int], int]:
+                add_eos: bool = True, eos_id: int | None = None) -> tuple[list[int], int]:
     """Token ids of ``prompt`` followed by ``response`` (and EOS), and the prompt length.
 
-    Prompt and response are encoded separately so the prompt/response boundary is always a
-    token boundary; every consumer (SFT, sampling, the OREO trainer) must use this function
-    so that ids agree.
+    The prompt is encoded as the tokenizer encodes it (:func:`encode_prompt`, BOS included),
+    the response separately without special tokens, so the prompt/response boundary is
+    always a token boundary; every consumer (SFT, sampling, the OREO trainer) uses this
+    function so that ids agree. ``eos_id`` (default: the tokenizer's EOS) ends the response;
+    pass :func:`turn_end_id` for chat prompts.
     """
-    prompt_ids = tokenizer.encode(prompt, add_special_tokens=False)
-    if tokenizer.bos_token_id is not None and getattr(tokenizer, "add_bos_token", False):
-        prompt_ids = [tokenizer.bos_token_id] + prompt_ids
+    prompt_ids = encode_prompt(tokenizer, prompt)
     ids = list(prompt_ids)
     if response is not None:
         ids += tokenizer.encode(response, add_special_tokens=False)
         if add_eos:
-            ids.append(tokenizer.eos_token_id)
+            ids.append(tokenizer.eos_token_id if eos_id is None else eos_id)
     return ids, len(prompt_ids)
 
 

@@ -6,8 +6,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
 from oreo_fast.sampling import SamplingConfig, filter_logits, generate
-from oreo_fast.models import (TinyModelConfig, ValueModel, build_tiny_model, left_pad,
-                              load_policy, save_model)
+from oreo_fast.models import (TinyModelConfig, ValueModel, build_tiny_model, cache_arg,
+                              left_pad, load_policy, save_model)
 from oreo_fast.tasks import ArithmeticConfig, format_prompt, generate_splits
 from oreo_fast.tokenizer import build_tokenizer, encode_pair, load_tokenizer
 
@@ -104,13 +104,13 @@ def test_value_model_incremental_scoring_equals_full(policy_dir):
     ids, mask, pos = left_pad(seqs, pad_id=0)
     full = value(ids, mask, pos).values
     # prefix of 3 columns, then one column at a time with the cache
-    out = value(ids[:, :3], mask[:, :3], pos[:, :3], past_key_values=DynamicCache(), use_cache=True)
-    parts, cache = [out.values], out.past_key_values
+    out = value(ids[:, :3], mask[:, :3], pos[:, :3], cache=DynamicCache(), use_cache=True)
+    parts, cache = [out.values], out.cache
     for t in range(3, ids.shape[1]):
-        out = value(ids[:, t:t + 1], mask[:, :t + 1], pos[:, t:t + 1], past_key_values=cache,
+        out = value(ids[:, t:t + 1], mask[:, :t + 1], pos[:, t:t + 1], cache=cache,
                     use_cache=True)
         parts.append(out.values)
-        cache = out.past_key_values
+        cache = out.cache
     incremental = torch.cat(parts, dim=1)
     real = mask.bool()
     torch.testing.assert_close(incremental[real], full[real], atol=1e-5, rtol=1e-5)
@@ -124,15 +124,15 @@ def test_cached_decoding_equals_full_reencode(policy_dir):
     ids, mask, pos = left_pad(prompts, tok.pad_token_id)
     # step-by-step logits with the cache vs one forward over the whole (padded) sequence
     cache = DynamicCache()
-    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
-                use_cache=True)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True,
+                **cache_arg(model, cache))
     step_logits, seq, cur_mask, next_pos = [out.logits[:, -1]], ids, mask, pos[:, -1] + 1
     for _ in range(6):
         token = step_logits[-1].argmax(-1, keepdim=True)
         seq = torch.cat([seq, token], 1)
         cur_mask = torch.cat([cur_mask, torch.ones_like(token)], 1)
         out = model(input_ids=token, attention_mask=cur_mask, position_ids=next_pos[:, None],
-                    past_key_values=out.past_key_values, use_cache=True)
+                    use_cache=True, **cache_arg(model, cache))
         step_logits.append(out.logits[:, -1])
         next_pos = next_pos + 1
     full = model(input_ids=seq, attention_mask=cur_mask,

@@ -30,6 +30,11 @@ from oreo_fast.tokenizer import load_tokenizer
 OREO_OVERRIDES = ["global_batch_size=128", "micro_batch_size=32", "policy_lr=1e-3",
                   "value_lr=1e-3", "beta=0.03", "kl_coef=0.1", "level=step", "epochs=1",
                   "max_length=256", "warmup_ratio=0.03"]
+# The embedded default's SFT and sampling settings, explicit: the job defaults are for real
+# models (oreo_fast.pipeline.sft.SFTConfig, max_new_tokens 1024)
+EMBEDDED_SFT = dict(epochs=8.0, batch_size=32, lr=2e-3, min_lr_ratio=0.1, warmup_steps=20,
+                    max_length=256)
+EMBEDDED_MAX_NEW_TOKENS = 128
 RFT_OVERRIDES = ["global_batch_size=128", "micro_batch_size=32", "policy_lr=1e-4", "epochs=1",
                  "max_length=256", "warmup_ratio=0.03"]
 
@@ -138,11 +143,12 @@ def run_demo(config: DemoConfig) -> dict:
     train, val, test = default / "train.jsonl", default / "val.jsonl", default / "test.jsonl"
     on = dict(device=config.device, dtype=config.dtype)
     _stage("sft", out / "sft" / "config.json", config.reuse, times, lambda: run_sft(
-        SFTConfig(model=str(default / "model"), train=str(train), out=str(out / "sft"), **on)))
+        SFTConfig(model=str(default / "model"), train=str(train), out=str(out / "sft"),
+                  **EMBEDDED_SFT, **on)))
     trajectories = out / "trajectories.jsonl"
     _stage("sample", trajectories, config.reuse, times, lambda: run_sample(SampleConfig(
         model=str(out / "sft"), problems=str(train), out=str(trajectories),
-        k=config.samples_per_problem, **on)))
+        k=config.samples_per_problem, max_new_tokens=EMBEDDED_MAX_NEW_TOKENS, **on)))
     common = [f"policy={out / 'sft'}", f"train_file={trajectories}",
               f"device={resolve_device(config.device).type}"]
     _stage("rft", out / "rft" / "policy" / "config.json", config.reuse, times,
@@ -159,6 +165,7 @@ def run_demo(config: DemoConfig) -> dict:
     for name, path in models.items():
         for split, target, store in (("test", test, accuracy), ("val", val, val_accuracy)):
             report = run_eval(EvalConfig(model=str(path), problems=str(target), n_samples=0,
+                                         max_new_tokens=EMBEDDED_MAX_NEW_TOKENS,
                                          out=str(out / f"eval_{name}_{split}.json"), **on))
             store[name] = report["greedy_accuracy"]
             if split == "test":

@@ -13,7 +13,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from oreo_fast.config import reject, require_at_least
+from oreo_fast.config import reject, require_at_least, require_choice
 from oreo_fast.sampling import SamplingConfig, check_sampling
 from oreo_fast.search.beam import SearchConfig, check_kv_sharing
 from oreo_fast.search.evaluate import best_of_n_accuracy, load_value, search_accuracy
@@ -21,7 +21,7 @@ from oreo_fast.io import write_json, write_jsonl
 from oreo_fast.models import check_device_and_dtype, load_model
 from oreo_fast.pipeline.sample import encode_problems, generate_responses
 from oreo_fast.tasks.problems import extract_answer, is_correct, load_problems
-from oreo_fast.tokenizer import load_tokenizer
+from oreo_fast.tokenizer import PROMPT_FORMATS, load_tokenizer
 
 log = logging.getLogger("oreo_fast")
 
@@ -29,13 +29,16 @@ log = logging.getLogger("oreo_fast")
 @dataclass
 class EvalConfig:
     model: str  # policy checkpoint folder
-    problems: str  # problem JSONL (GSM8K or MATH shape)
+    problems: str  # problems: JSONL, parquet, arrow, datasets folder or cached hub name
     out: str  # JSON report to write
+    split: str | None = None  # split of a datasets folder or hub dataset (default: test)
+    subset: str | None = None  # configuration of a hub dataset (GSM8K: main)
+    columns: str | None = None  # role=column pairs, e.g. question=problem,solution=solution
     n_samples: int = 8  # 0: greedy only
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
-    max_new_tokens: int = 128
+    max_new_tokens: int = 1024  # GSM8K/MATH solutions of 1.5B-7B models (the demo: 128)
     batch_size: int = 64
     max_prompt_length: int = 512
     strict: bool = False
@@ -45,6 +48,8 @@ class EvalConfig:
     device: str = "auto"  # "auto": CUDA when present, else cpu; or any torch device
     dtype: str = "auto"  # "auto": bfloat16 on CUDA, float32 on CPU
     trust_remote_code: bool = False
+    prompt_format: str = "auto"  # plain | chat | auto (chat when the tokenizer has a template)
+    system_prompt: str | None = None  # system message of chat prompts (plain: a first paragraph)
     # value-guided search (oreo_fast.search.beam); needs --value
     value: str | None = None  # value model folder (OREO's output_dir/value)
     beams: int = 0  # B: beams per problem (0: no beam search)
@@ -58,6 +63,7 @@ class EvalConfig:
     progress: bool = True  # progress bars of the search (shown only when stderr is a terminal)
 
     def __post_init__(self):
+        require_choice(self, "prompt_format", PROMPT_FORMATS)
         require_at_least(self, 0, "n_samples", "beams", "best_of")
         require_at_least(self, 1, "batch_size", "max_prompt_length", "search_batch_size")
         check_sampling(self)
@@ -88,9 +94,11 @@ def run_eval(config: EvalConfig) -> dict:
     if config.value and (config.beams or config.best_of):  # checked before any decoding
         value = load_value(config.value, model, tokenizer, config.device, config.dtype,
                            config.trust_remote_code)
-    problems = load_problems(config.problems, config.limit)
+    problems = load_problems(config.problems, config.limit, config.split or "test",
+                             config.subset, config.columns)
     encoded, dropped = encode_problems(tokenizer, problems, config.max_prompt_length,
-                                       config.strict, config.problems)
+                                       config.strict, config.problems, config.prompt_format,
+                                       config.system_prompt)
     greedy = SamplingConfig.of(config, temperature=0.0)
     greedy_out, n_tokens = generate_responses(model, tokenizer, encoded, greedy, 1,
                                               config.batch_size, config.seed, desc="greedy")

@@ -72,7 +72,7 @@ class IterateConfig:
     rounds: int = 3
     k: int = 8  # responses per problem per round
     temperature: float = 1.0
-    max_new_tokens: int = 128
+    max_new_tokens: int = 1024  # GSM8K/MATH solutions of 1.5B-7B models (the demo: 128)
     reference: str = "previous"  # "previous": the round's starting policy; "initial": policy
     eval_problems: str = ""  # evaluated (greedy) after every round when given
     nproc: int = 1  # training processes (torchrun when > 1)
@@ -80,6 +80,11 @@ class IterateConfig:
     device: str = "auto"  # sampling, eval and training: "auto" (CUDA when present), cpu, cuda
     dtype: str = "auto"  # sampling and eval; "auto": bfloat16 on CUDA, float32 on CPU
     seed: int = 0
+    prompt_format: str = "auto"  # plain | chat | auto, for sampling, training and evaluation
+    split: str | None = None  # split of a datasets source for sampling (default: train)
+    subset: str | None = None  # configuration of a hub dataset (GSM8K: main)
+    columns: str | None = None  # role=column pairs, e.g. question=problem,solution=solution
+    system_prompt: str | None = None  # system message of chat prompts
     train_overrides: list[str] = field(default_factory=list)  # key=value for the trainer (TrainConfig)
 
     def __post_init__(self):
@@ -87,6 +92,7 @@ class IterateConfig:
         require_at_least(self, 0, "threads")
         check_device_and_dtype(self)
         require_choice(self, "reference", ("previous", "initial"))
+        require_choice(self, "prompt_format", ("auto", "plain", "chat"))
         check_sampling(self)
 
 
@@ -103,11 +109,14 @@ def run_iterate(config: IterateConfig) -> dict:
         trajectories = run_sample(SampleConfig(
             model=str(policy), problems=config.problems, out=str(folder / "trajectories.jsonl"),
             k=config.k, temperature=config.temperature, max_new_tokens=config.max_new_tokens,
-            seed=config.seed + r, device=config.device, dtype=config.dtype))
+            seed=config.seed + r, device=config.device, dtype=config.dtype,
+            prompt_format=config.prompt_format, split=config.split, subset=config.subset,
+            columns=config.columns, system_prompt=config.system_prompt))
         reference = policy if config.reference == "previous" else Path(config.policy)
         overrides = [f"policy={policy}", f"reference={reference}", f"train_file={trajectories}",
                      f"output_dir={folder}", f"seed={config.seed + r}", "progress=false",
                      f"device={resolve_device(config.device).type}",
+                     f"prompt_format={config.prompt_format}",
                      *([f"value={value}"] if value else []), *config.train_overrides]
         launch_training(overrides, config.nproc, folder / "train.log", config.threads)
         policy, value = folder / "policy", folder / "value"
@@ -117,7 +126,10 @@ def run_iterate(config: IterateConfig) -> dict:
         if config.eval_problems:
             report = run_eval(EvalConfig(model=str(policy), problems=config.eval_problems,
                                          out=str(folder / "eval.json"), n_samples=0,
-                                         device=config.device, dtype=config.dtype))
+                                         device=config.device, dtype=config.dtype,
+                                         prompt_format=config.prompt_format,
+                                         subset=config.subset, columns=config.columns,
+                                         system_prompt=config.system_prompt))
             row["greedy_accuracy"] = report["greedy_accuracy"]
         rounds.append(row)
         write_json(out / "iterate.json", {"config": asdict(config), "rounds": rounds})

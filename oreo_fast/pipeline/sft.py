@@ -23,12 +23,13 @@ from pathlib import Path
 
 import torch
 
-from oreo_fast.config import require_at_least, require_finite
+from oreo_fast.config import require_at_least, require_choice, require_finite
 from oreo_fast.models import (check_device_and_dtype, load_model, model_device, resolve_device,
                               resolve_dtype, save_model)
 from oreo_fast.ops import fused_linear_token_logprobs_kl
 from oreo_fast.tasks.problems import load_problems
-from oreo_fast.tokenizer import drop_long, encode_pair, load_tokenizer
+from oreo_fast.tokenizer import (PROMPT_FORMATS, drop_long, encode_pair, load_tokenizer,
+                                 render_prompt, turn_end_id)
 from oreo_fast.train.schedule import cosine_with_warmup
 
 log = logging.getLogger("oreo_fast")
@@ -38,17 +39,22 @@ IGNORE = -100
 @dataclass
 class SFTConfig:
     model: str  # checkpoint folder to start from
-    train: str  # problem JSONL (GSM8K or MATH shape)
+    train: str  # problems: JSONL, parquet, arrow, datasets folder or cached hub name
     out: str  # checkpoint folder to write
-    epochs: float = 8.0
+    split: str | None = None  # split of a datasets folder or hub dataset (default: train)
+    subset: str | None = None  # configuration of a hub dataset (GSM8K: main)
+    columns: str | None = None  # role=column pairs, e.g. question=problem,solution=solution
+    # defaults for a 1.5B-7B model on GSM8K/MATH (estimated, see README "Bring your own model
+    # and data"); the embedded demo passes its own (oreo_fast.pipeline.demo.EMBEDDED_SFT)
+    epochs: float = 3.0
     batch_size: int = 32
     micro_batch_size: int = 0  # sequences per forward, gradients accumulated (0: batch_size)
-    lr: float = 2e-3
+    lr: float = 1e-5
     min_lr_ratio: float = 0.1  # cosine decay ends at lr * min_lr_ratio
     warmup_steps: int = 20
     weight_decay: float = 0.0
     grad_clip: float = 1.0
-    max_length: int = 256  # prompt + response tokens; longer examples are dropped
+    max_length: int = 1024  # prompt + response tokens; longer examples are dropped
     limit: int | None = None  # use only the first N problems
     strict: bool = False  # an over-long example is an error instead of a warning
     log_every: int = 20
@@ -57,8 +63,11 @@ class SFTConfig:
     device: str = "auto"  # "auto": CUDA when present, else cpu; or any torch device
     dtype: str = "auto"  # compute dtype; "auto": bfloat16 on CUDA, float32 on CPU
     trust_remote_code: bool = False
+    prompt_format: str = "auto"  # plain | chat | auto (chat when the tokenizer has a template)
+    system_prompt: str | None = None  # system message of chat prompts (plain: a first paragraph)
 
     def __post_init__(self):
+        require_choice(self, "prompt_format", PROMPT_FORMATS)
         require_finite(self, "epochs", "lr", positive=True)
         require_finite(self, "min_lr_ratio", "weight_decay", "grad_clip", minimum=0)
         require_at_least(self, 1, "batch_size", "max_length", "limit", "log_every")
@@ -67,9 +76,14 @@ class SFTConfig:
 
 
 def build_examples(tokenizer, problems, max_length: int, strict: bool = False,
-                   source: str | None = None) -> list[tuple[list[int], int]]:
-    """(token ids, prompt length) per problem, over-long ones dropped (or an error)."""
-    pairs = [encode_pair(tokenizer, p.prompt, p.solution) for p in problems]
+                   source: str | None = None, prompt_format: str = "auto",
+                   system_prompt: str | None = None) -> list[tuple[list[int], int]]:
+    """(token ids, prompt length) per problem, over-long ones dropped (or an error): the
+    prompt as sampling builds it, the gold solution, and the EOS trajectories end with."""
+    eos = turn_end_id(tokenizer, prompt_format)
+    pairs = [encode_pair(tokenizer, render_prompt(tokenizer, p.question, prompt_format,
+                                                  system_prompt), p.solution, eos_id=eos)
+             for p in problems]
     kept, _ = drop_long(pairs, [len(ids) for ids, _ in pairs], max_length, "example", strict,
                         source)
     return kept
@@ -159,9 +173,10 @@ def run_sft(config: SFTConfig) -> Path:
     model = load_model(config.model, device=device, dtype=torch.float32,
                        trust_remote_code=config.trust_remote_code)
     micro = config.micro_batch_size or config.batch_size
-    problems = load_problems(config.train, config.limit)
+    problems = load_problems(config.train, config.limit, config.split or "train", config.subset,
+                             config.columns)
     examples = build_examples(tokenizer, problems, config.max_length, config.strict,
-                              config.train)
+                              config.train, config.prompt_format, config.system_prompt)
     if not examples:
         raise ValueError(f"no training example fits max_length={config.max_length}")
     eval_set = examples[:config.eval_examples]

@@ -12,14 +12,15 @@ import random
 from collections import defaultdict
 
 from oreo_fast.errors import DataError
-from oreo_fast.io import read_jsonl, require
+from oreo_fast.io import require
+from oreo_fast.tasks.sources import read_records
 
 
 def read_trajectory_records(path: str | os.PathLike) -> list[dict]:
     """All records of a trajectory file, checked: a missing field, a wrong type, an empty
     prompt or response, or a reward other than 0/1 raises a DataError naming file and line."""
     records = []
-    for lineno, record in read_jsonl(path):
+    for lineno, record in read_records(path):  # JSONL, parquet or arrow
         require(record, "prompt", str, path, lineno)
         require(record, "response", str, path, lineno)
         reward = require(record, "reward", (int, float, bool), path, lineno)

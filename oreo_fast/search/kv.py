@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from oreo_fast.models import left_pad
+from oreo_fast.models import cache_arg, left_pad
 
 
 @dataclass
@@ -44,7 +44,7 @@ def feed_tokens(model, ids: torch.Tensor, mask: torch.Tensor, next_pos: torch.Te
     positions = next_pos[:, None] + (mask.cumsum(1) - 1).clamp(min=0)
     kwargs = {"logits_to_keep": 1} if ids.shape[1] == 1 and is_lm(model) else {}
     out = model(input_ids=ids, attention_mask=attention_mask, position_ids=positions,
-                past_key_values=cache, use_cache=True, **kwargs)
+                use_cache=True, **kwargs, **cache_arg(model, cache))
     count_tokens(counts, which, mask)
     return (out.logits if is_lm(model) else out.values), next_pos + mask.sum(1)
 
@@ -137,7 +137,7 @@ def prefill(model, sequences: list[list[int]], pad_id: int, counts, which: str,
     cache = DynamicCache(config=model.config)
     kwargs = {"logits_to_keep": 1} if is_lm(model) else {}
     out = model(input_ids=ids, attention_mask=mask, position_ids=positions,
-                past_key_values=cache, use_cache=True, **kwargs)
+                use_cache=True, **kwargs, **cache_arg(model, cache))
     count_tokens(counts, which, mask)
     kv = KV(cache, mask, mask.sum(1))
     return (kv, out.values[:, -1]) if values else kv

@@ -23,8 +23,13 @@ class TrainConfig:
     train_file: str = ""  # trajectories JSONL: {"prompt", "response" | "turns", "reward"}
     output_dir: str = "runs/oreo"
     max_length: int = 1024  # prompt + response + EOS, in tokens
+    # a step starts after each delimiter; "\n" is the paper's (one line = one step). For MATH
+    # solutions with display maths over several lines, "\n\n" (paragraphs) is the usual choice
     step_delimiters: list[str] = field(default_factory=lambda: ["\n"])
     strict: bool = False  # over-long prompts: error instead of a counted warning
+    prompt_format: str = "auto"  # plain | chat | auto: which EOS ends a trajectory and the
+    # markup of multi-turn records (chat: the template's); must match how the file was sampled
+    keep_truncated: bool = False  # truncated responses: reward 0 without an EOS action (else left out)
 
     # objective
     algorithm: str = "oreo"  # "oreo" or "rft" (SFT on the reward-1 trajectories)
@@ -112,6 +117,8 @@ class TrainConfig:
             bad("device", "must be auto, cpu or cuda")
         if self.dtype not in ("auto", "float32", "bfloat16"):
             bad("dtype", "must be auto, float32 or bfloat16")
+        if self.prompt_format not in ("auto", "plain", "chat"):
+            bad("prompt_format", "must be auto, plain or chat")
         if not self.step_delimiters or not all(self.step_delimiters):
             bad("step_delimiters", "must be a non-empty list of non-empty strings")
 

@@ -67,9 +67,9 @@ class Trainer:
             self.optimizers.append(torch.optim.AdamW(module.parameters(), lr=lr,
                                                      betas=tuple(cfg.adam_betas),
                                                      weight_decay=cfg.weight_decay))
-        examples, self.dropped = read_training_examples(cfg.train_file, self.tokenizer,
-                                                        cfg.max_length, cfg.step_delimiters,
-                                                        cfg.strict)
+        examples, self.dropped = read_training_examples(
+            cfg.train_file, self.tokenizer, cfg.max_length, cfg.step_delimiters, cfg.strict,
+            cfg.prompt_format, cfg.keep_truncated)
         self.examples = self.algorithm.select(examples, cfg.train_file)
         self.lengths = [len(e.ids) for e in self.examples]
         self.total_steps = math.ceil(len(self.examples) / cfg.global_batch_size) * cfg.epochs
@@ -195,7 +195,8 @@ class Trainer:
             plot_curves(progress.history, self.output_dir / "curves.png")
         history = progress.history
         return {"steps": progress.step, "seconds": time.time() - start,
-                "examples": len(self.examples), "dropped_too_long": self.dropped,
+                "examples": len(self.examples), "dropped_too_long": self.dropped.too_long,
+                "dropped_truncated": self.dropped.truncated,
                 "world_size": self.world_size, "final": history[-1] if history else {}}
 
     def export(self, out_dir: Path | None = None) -> None:

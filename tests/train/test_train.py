@@ -123,19 +123,36 @@ def test_multi_turn_masks(tiny):
     assert not S[0, p + lens[0] - 1: p + lens[0] + lens[1] - 1].any()
 
 
-def test_truncation_keeps_eos_and_long_prompts_are_reported(tiny, tmp_path, caplog):
+def test_truncated_responses_get_no_eos_and_long_prompts_are_reported(tiny, tmp_path, caplog):
     _, tok, records = tiny
     r = records[0]
-    n_prompt = len(tok(r["prompt"], add_special_tokens=False)["input_ids"])
+    n_prompt = len(tok(r["prompt"])["input_ids"])
+    whole = tokenize_trajectory(tok, r["prompt"], [("assistant", r["response"])], 1.0, 512, ["\n"])
+    assert whole.ids[-1] == tok.eos_token_id and whole.is_action[-1] and not whole.truncated
+    # cut by max_length: the first tokens of the response, no EOS, marked truncated
     ex = tokenize_trajectory(tok, r["prompt"], [("assistant", r["response"])], 1.0, n_prompt + 4, ["\n"])
-    assert len(ex.ids) == n_prompt + 4 and ex.ids[-1] == tok.eos_token_id and ex.reward == 1.0
+    assert ex.truncated and ex.ids == whole.ids[:n_prompt + 4] and tok.eos_token_id not in ex.ids
+    # marked truncated by the sampler: the whole response, no EOS
+    ex = tokenize_trajectory(tok, r["prompt"], [("assistant", r["response"])], 1.0, 512, ["\n"],
+                             truncated=True)
+    assert ex.truncated and ex.ids == whole.ids[:-1]
     path = tmp_path / "t.jsonl"
     long = dict(r, prompt=r["prompt"] * 40)
-    path.write_text(json.dumps(r) + "\n" + json.dumps(long) + "\n")
+    cut = dict(r, truncated=True, reward=1)
+    path.write_text("".join(json.dumps(x) + "\n" for x in (r, long, cut, cut)))
     examples, dropped = read_training_examples(path, tok, 64)
-    assert (len(examples), dropped) == (1, 1) and "dropped 1" in caplog.text
+    assert (len(examples), dropped.too_long, dropped.truncated) == (1, 1, 2)
+    assert "dropped 1" in caplog.text and "left out 2 truncated" in caplog.text
+    examples, dropped = read_training_examples(path, tok, 64, keep_truncated=True)
+    assert (len(examples), dropped.truncated) == (3, 0)
+    kept = examples[1]
+    assert kept.truncated and kept.reward == 0.0 and kept.ids == whole.ids[:-1]
+    assert kept.is_action[-1] and kept.ids[-1] != tok.eos_token_id  # the last response token
     with pytest.raises(DataError, match=r"t\.jsonl:2: field 'prompt'"):
         read_training_examples(path, tok, 64, strict=True)
+    path.write_text(json.dumps(dict(r, truncated="yes")) + "\n")
+    with pytest.raises(DataError, match=r"t\.jsonl:1: field 'truncated'"):
+        read_training_examples(path, tok, 64)
 
 
 @pytest.mark.parametrize("line,match", [
@@ -289,7 +306,8 @@ def test_iterate_chains_rounds_from_the_last_policy(tiny, tmp_path):
     summary = run_iterate(IterateConfig(
         policy=str(root / "policy"), problems=str(problems), out=str(out), rounds=2, k=2,
         max_new_tokens=12, eval_problems=str(problems),
-        train_overrides=["global_batch_size=8", "micro_batch_size=8", "max_length=128"]))
+        train_overrides=["global_batch_size=8", "micro_batch_size=8", "max_length=128",
+                         "keep_truncated=true"]))  # a random policy rarely ends in 12 tokens
     assert [r["round"] for r in summary["rounds"]] == [0, 1]
     assert all(0 <= r["greedy_accuracy"] <= 1 for r in summary["rounds"])
     second = json.loads((out / "round-1" / "config.json").read_text())
