@@ -142,20 +142,20 @@ def test_sampling_stops_at_every_eos_and_marks_truncation(toks, tmp_path, kind, 
     problems.write_text(json.dumps({"question": QUESTION, "answer": "#### 7"}) + "\n")
     answer = tok.encode("#### 7", add_special_tokens=False)
     import oreo_fast.pipeline.sample as sample_module
-    from oreo_fast.models import load_policy as real_load
+    real_load = sample_module.load_model  # the one loader every job uses
 
     def load_steered(*args, **kwargs):
         m = real_load(*args, **kwargs)
         _steer(m, answer, tok.convert_tokens_to_ids(decode_token))
         return m
 
-    sample_module.load_policy = load_steered
+    sample_module.load_model = load_steered
     try:
         out = run_sample(SampleConfig(model=str(tmp_path / "m"), problems=str(problems),
                                       out=str(tmp_path / "s.jsonl"), k=2, temperature=0,
                                       max_new_tokens=len(answer) + (not truncated)))
     finally:
-        sample_module.load_policy = real_load
+        sample_module.load_model = real_load
     records = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(records) == 2
     for r in records:
