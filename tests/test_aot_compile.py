@@ -151,7 +151,7 @@ PROBE = textwrap.dedent('''
 
 
 def test_compile_check_catches_what_the_interpreter_accepts(tmp_path):
-    """Kernels the interpreter runs: a tl.dot below the 16 x 16 x 16 minimum fails to compile;
+    """Kernels the interpreter runs: a tl.dot with K = 8 (the compiler wants K >= 16) fails;
     a 256 x 256 x 256 float32 dot compiles but spills registers and needs more shared memory
     than an H100 has, both reported; a correct kernel passes."""
     probe = tmp_path / "probe.py"

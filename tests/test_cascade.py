@@ -134,8 +134,8 @@ def test_triton_kernel_equals_explicit_attention_float64(children, heads, kv_hea
 
 
 @needs_triton
-# (16, 16): the smallest tl.dot on a GPU takes; with 9 tokens x 2 heads per child and 40
-# suffix keys, still several row blocks and key blocks per child
+# key blocks of 16: the probabilities x values tl.dot needs K >= 16 on a GPU; with 9 tokens
+# x 2 heads per child and 40 suffix keys, still several row and key blocks per child
 @pytest.mark.parametrize("blocks", [(16, 16), (16, 32)], ids=["small-blocks", "default-blocks"])
 def test_triton_suffix_kernel_continues_the_prefix_softmax(blocks):
     """The suffix kernel starts from the prefix's (out, lse), also where a row saw no prefix
