@@ -29,18 +29,15 @@ import triton.language as tl
 
 
 @triton.jit
-def _block_scores(q, k, USE_DOT: tl.constexpr):
-    """Scores [M, N] of the (pre-scaled) queries [M, D] against one block of keys [N, D]."""
-    if USE_DOT:
-        scores = tl.dot(q, tl.trans(k), input_precision="ieee")
-    else:  # float64: no tensor-core dot; a broadcast product is exact and fine for tests
-        scores = tl.sum(q[:, None, :] * k[None, :, :], axis=2)
-    return scores
+def _block_scores(q, k, scale):
+    """Scaled scores [M, N] of the queries [M, D] against one block of keys [N, D], in the
+    accumulation dtype. q and k stay in the inputs' dtype: a half-precision dot runs on
+    tensor cores and accumulates in float32, a float64 one on float64 ones."""
+    return tl.dot(q, tl.trans(k), input_precision="ieee") * scale
 
 
 @triton.jit
-def _online_softmax_step(row_max, row_sum, acc, scores, v, DTYPE: tl.constexpr,
-                         USE_DOT: tl.constexpr):
+def _online_softmax_step(row_max, row_sum, acc, scores, v):
     """Fold one block of (masked: -inf) scores and its values [N, D] into the running max,
     sum and accumulator of every row."""
     new_max = tl.maximum(row_max, tl.max(scores, axis=1))
@@ -49,27 +46,24 @@ def _online_softmax_step(row_max, row_sum, acc, scores, v, DTYPE: tl.constexpr,
     probs = tl.exp(scores - shift[:, None])
     rescale = tl.exp(row_max - shift)
     row_sum = row_sum * rescale + tl.sum(probs, axis=1)
-    if USE_DOT:
-        update = tl.dot(probs.to(DTYPE), v, input_precision="ieee")
-    else:
-        update = tl.sum(probs[:, :, None] * v[None, :, :], axis=1)
+    # probabilities in v's dtype (half precision: as flash attention does)
+    update = tl.dot(probs.to(v.dtype), v, input_precision="ieee")
     return new_max, row_sum, acc * rescale[:, None] + update
 
 
 @triton.jit
 def _load_key_block(k_base, v_base, mask_base, start, n_keys, stride_m, stride_kl, stride_kd,
-                    stride_vl, stride_vd, dims, dim_ok, DTYPE: tl.constexpr,
-                    BLOCK_N: tl.constexpr):
+                    stride_vl, stride_vd, dims, dim_ok, BLOCK_N: tl.constexpr):
     """Keys ``start .. start + BLOCK_N`` of one KV row: (their indices, which are real keys,
-    K and V blocks); keys at or past ``n_keys`` read as masked zeros."""
+    K and V blocks in the inputs' dtype); keys at or past ``n_keys`` read as masked zeros."""
     keys = start + tl.arange(0, BLOCK_N).to(tl.int64)
     key_in = keys < n_keys
     key_ok = tl.load(mask_base + keys * stride_m, mask=key_in, other=0) != 0
     kv_mask = key_in[:, None] & dim_ok[None, :]
     k = tl.load(k_base + keys[:, None] * stride_kl + dims[None, :] * stride_kd,
-                mask=kv_mask, other=0.0).to(DTYPE)
+                mask=kv_mask, other=0.0)
     v = tl.load(v_base + keys[:, None] * stride_vl + dims[None, :] * stride_vd,
-                mask=kv_mask, other=0.0).to(DTYPE)
+                mask=kv_mask, other=0.0)
     return keys, key_ok, k, v
 
 
@@ -92,7 +86,7 @@ def _prefix_attention_kernel(
     stride_mp, stride_ml,
     stride_on, stride_oh, stride_ot, stride_od,
     stride_ln, stride_lh, stride_lt,
-    DTYPE: tl.constexpr, USE_DOT: tl.constexpr,
+    DTYPE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     parent = tl.program_id(0).to(tl.int64)
@@ -114,7 +108,6 @@ def _prefix_attention_kernel(
     q_offsets = (child[:, None] * stride_qn + head[:, None] * stride_qh
                  + token[:, None] * stride_qt + dims[None, :] * stride_qd)
     q = tl.load(q_ptr + q_offsets, mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
-    q = q.to(DTYPE) * scale
 
     k_base = k_ptr + parent * stride_kp + kv_head * stride_kh
     v_base = v_ptr + parent * stride_vp + kv_head * stride_vh
@@ -128,10 +121,9 @@ def _prefix_attention_kernel(
     for start in range(0, n_keys, BLOCK_N):
         _, key_ok, k, v = _load_key_block(k_base, v_base, mask_base, start, L, stride_ml,
                                           stride_kl, stride_kd, stride_vl, stride_vd, dims,
-                                          dim_ok, DTYPE, BLOCK_N)
-        scores = tl.where(key_ok[None, :], _block_scores(q, k, USE_DOT), float("-inf"))
-        row_max, row_sum, acc = _online_softmax_step(row_max, row_sum, acc, scores, v, DTYPE,
-                                                     USE_DOT)
+                                          dim_ok, BLOCK_N)
+        scores = tl.where(key_ok[None, :], _block_scores(q, k, scale), float("-inf"))
+        row_max, row_sum, acc = _online_softmax_step(row_max, row_sum, acc, scores, v)
 
     out, lse = _online_softmax_result(row_max, row_sum, acc)
     o_offsets = (child[:, None] * stride_on + head[:, None] * stride_oh
@@ -153,7 +145,7 @@ def _suffix_merge_kernel(
     stride_pln, stride_plh, stride_plt,
     stride_on, stride_oh, stride_ot, stride_od,
     stride_ln, stride_lh, stride_lt,
-    DTYPE: tl.constexpr, USE_DOT: tl.constexpr,
+    DTYPE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     child = tl.program_id(0).to(tl.int64)
@@ -171,7 +163,7 @@ def _suffix_merge_kernel(
 
     q = tl.load(q_ptr + child * stride_qn + head[:, None] * stride_qh
                 + token[:, None] * stride_qt + dims[None, :] * stride_qd,
-                mask=row_dim_ok, other=0.0).to(DTYPE) * scale
+                mask=row_dim_ok, other=0.0)
     # the prefix's softmax as an online-softmax state: max lse_p, sum 1, accumulator out_p
     prefix_lse = tl.load(prefix_lse_ptr + child * stride_pln + head * stride_plh
                          + token * stride_plt, mask=row_ok, other=float("-inf")).to(DTYPE)
@@ -190,11 +182,10 @@ def _suffix_merge_kernel(
     for start in range(0, S, BLOCK_N):
         keys, key_ok, k, v = _load_key_block(k_base, v_base, mask_base, start, S, stride_ms,
                                              stride_ks, stride_kd, stride_vs, stride_vd, dims,
-                                             dim_ok, DTYPE, BLOCK_N)
+                                             dim_ok, BLOCK_N)
         visible = key_ok[None, :] & (keys[None, :] <= own_column[:, None])
-        scores = tl.where(visible, _block_scores(q, k, USE_DOT), float("-inf"))
-        row_max, row_sum, acc = _online_softmax_step(row_max, row_sum, acc, scores, v, DTYPE,
-                                                     USE_DOT)
+        scores = tl.where(visible, _block_scores(q, k, scale), float("-inf"))
+        row_max, row_sum, acc = _online_softmax_step(row_max, row_sum, acc, scores, v)
 
     out, lse = _online_softmax_result(row_max, row_sum, acc)
     tl.store(out_ptr + child * stride_on + head[:, None] * stride_oh
@@ -203,13 +194,36 @@ def _suffix_merge_kernel(
              mask=row_ok)
 
 
-def _block_sizes(rows_per_parent: int, head_dim: int, block_m, block_n):
+def launch_config(rows: int, head_dim: int, dtype: torch.dtype, block_m: int | None = None,
+                  block_n: int | None = None, on_gpu: bool | None = None):
+    """(DTYPE, BLOCK_M, BLOCK_N, BLOCK_D, num_warps) of both kernels for ``rows`` query rows
+    per program group (a parent's children x tokens x group heads, or a child's tokens x group
+    heads) and inputs of ``dtype``: the one place the launchers and ``aot_specs`` take them
+    from. ``block_m`` / ``block_n`` override (tests); ``on_gpu`` defaults to whether CUDA is
+    available.
+
+    On a GPU, float32 and float64 inputs take blocks of at most 32 rows and 16 keys, half
+    precision up to 64 and 64: a float32 (FMA) or float64 dot holds far more per thread than
+    a tensor-core one; with 64 x 64 blocks ptxas spills kilobytes of registers and asks more
+    shared memory than an A100 has, with 64 x 16 still a few bytes (tests/test_aot_compile.py,
+    benchmarks/results/aot_compile_*.json)."""
+    if on_gpu is None:
+        on_gpu = torch.cuda.is_available()
+    half = dtype in (torch.bfloat16, torch.float16)
     block_d = max(16, triton.next_power_of_2(head_dim))
     if block_m is None:
-        block_m = min(64, max(16, triton.next_power_of_2(rows_per_parent)))
+        block_m = min(64 if half or not on_gpu else 32, max(16, triton.next_power_of_2(rows)))
     if block_n is None:
-        block_n = 64 if torch.cuda.is_available() else 32
-    return block_m, block_n, block_d
+        block_n = (64 if half else 16) if on_gpu else 32
+    compute_dtype = tl.float64 if dtype == torch.float64 else tl.float32
+    return compute_dtype, block_m, block_n, block_d, 4 if block_m * block_d <= 4096 else 8
+
+
+def _check_same_dtype(query, keys, values):
+    # q, k and v meet in tl.dot, which needs one operand dtype
+    if not query.dtype == keys.dtype == values.dtype:
+        raise ValueError(f"query, keys and values must share a dtype, got {query.dtype}, "
+                         f"{keys.dtype} and {values.dtype}")
 
 
 def prefix_attention_forward(query, prefix_keys, prefix_values, prefix_mask, child_start,
@@ -226,6 +240,7 @@ def prefix_attention_forward(query, prefix_keys, prefix_values, prefix_mask, chi
     """
     n, heads, tokens, head_dim = query.shape
     parents, kv_heads, length, _ = prefix_keys.shape
+    _check_same_dtype(query, prefix_keys, prefix_values)
     group = heads // kv_heads
     dtype = torch.float64 if query.dtype == torch.float64 else torch.float32
     out = torch.zeros(n, heads, tokens, head_dim, dtype=dtype, device=query.device)
@@ -238,17 +253,16 @@ def prefix_attention_forward(query, prefix_keys, prefix_values, prefix_mask, chi
     most_children = max_children if max_children is not None else \
         int((child_start[1:] - child_start[:-1]).max())
     rows_per_parent = most_children * tokens * group
-    block_m, block_n, block_d = _block_sizes(rows_per_parent, head_dim, block_m, block_n)
+    compute_dtype, block_m, block_n, block_d, num_warps = launch_config(
+        rows_per_parent, head_dim, query.dtype, block_m, block_n)
     grid = (parents, kv_heads, triton.cdiv(max(rows_per_parent, 1), block_m))
     _prefix_attention_kernel[grid](
         query, prefix_keys, prefix_values, prefix_mask, child_start, out, lse,
         tokens, length, head_dim, group, scale,
         *query.stride(), *prefix_keys.stride(), *prefix_values.stride(), *prefix_mask.stride(),
         *out.stride(), *lse.stride(),
-        DTYPE=tl.float64 if dtype == torch.float64 else tl.float32,
-        USE_DOT=dtype != torch.float64,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
-        num_warps=4 if block_m * block_d <= 4096 else 8,
+        DTYPE=compute_dtype, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
+        num_warps=num_warps,
     )
     return out, lse
 
@@ -263,6 +277,7 @@ def suffix_merge_forward(query, suffix_keys, suffix_values, suffix_mask, prefix_
     in the compute dtype."""
     n, heads, tokens, head_dim = query.shape
     kv_heads, length = suffix_keys.shape[1], suffix_keys.shape[2]
+    _check_same_dtype(query, suffix_keys, suffix_values)
     group = heads // kv_heads
     dtype = prefix_out.dtype
     out = torch.zeros(n, heads, tokens, head_dim, dtype=dtype, device=query.device)
@@ -271,16 +286,114 @@ def suffix_merge_forward(query, suffix_keys, suffix_values, suffix_mask, prefix_
         return out, lse
     if suffix_mask.dtype == torch.bool:
         suffix_mask = suffix_mask.to(torch.int8)
-    block_m, block_n, block_d = _block_sizes(tokens * group, head_dim, block_m, block_n)
+    compute_dtype, block_m, block_n, block_d, num_warps = launch_config(
+        tokens * group, head_dim, query.dtype, block_m, block_n)
     grid = (n, kv_heads, triton.cdiv(tokens * group, block_m))
     _suffix_merge_kernel[grid](
         query, suffix_keys, suffix_values, suffix_mask, prefix_out, prefix_lse, out, lse,
         tokens, length, head_dim, group, scale,
         *query.stride(), *suffix_keys.stride(), *suffix_values.stride(), *suffix_mask.stride(),
         *prefix_out.stride(), *prefix_lse.stride(), *out.stride(), *lse.stride(),
-        DTYPE=tl.float64 if dtype == torch.float64 else tl.float32,
-        USE_DOT=dtype != torch.float64,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
-        num_warps=4 if block_m * block_d <= 4096 else 8,
+        DTYPE=compute_dtype, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
+        num_warps=num_warps,
     )
     return out, lse
+
+
+# Head dims the trainer meets (Llama / Qwen 2.5 families).
+AOT_HEAD_DIMS = (64, 128)
+
+
+def _aot_layouts(children: int, tokens: int, group: int, head_dim: int):
+    """Argument values of both launches for one beam-search shape, as the model hands them
+    over: queries [N, T, H, D] seen as [N, H, T, D], keys and values and masks contiguous,
+    int64 masks, a prefix of 300 keys and a suffix of 45 earlier keys."""
+    kv_heads, parents, length = 2, 3, 300
+    n, heads, suffix = parents * children, kv_heads * group, 45 + tokens
+    meta = {"device": "meta"}
+    query = torch.empty(n, tokens, heads, head_dim, **meta).transpose(1, 2)
+    prefix_kv = torch.empty(parents, kv_heads, length, head_dim, **meta)
+    suffix_kv = torch.empty(n, kv_heads, suffix, head_dim, **meta)
+    out = torch.empty(n, heads, tokens, head_dim, **meta)
+    lse = torch.empty(n, heads, tokens, **meta)
+    prefix_mask = torch.empty(parents, length, **meta)
+    suffix_mask = torch.empty(n, suffix, **meta)
+
+    def strides(prefix, tensor):
+        names = [f"stride_{prefix}{axis}" for axis in "nhtd"[-tensor.dim():]]
+        return dict(zip(names, tensor.stride()))
+
+    prefix_args = {"T": tokens, "L": length, "D": head_dim, "G": group,
+                   **dict(zip(("stride_qn", "stride_qh", "stride_qt", "stride_qd"),
+                              query.stride())),
+                   **dict(zip(("stride_kp", "stride_kh", "stride_kl", "stride_kd"),
+                              prefix_kv.stride())),
+                   **dict(zip(("stride_vp", "stride_vh", "stride_vl", "stride_vd"),
+                              prefix_kv.stride())),
+                   **dict(zip(("stride_mp", "stride_ml"), prefix_mask.stride())),
+                   **strides("o", out), **dict(zip(("stride_ln", "stride_lh", "stride_lt"),
+                                                   lse.stride()))}
+    suffix_args = {"T": tokens, "S": suffix, "D": head_dim, "G": group,
+                   **{k: v for k, v in prefix_args.items() if k.startswith("stride_q")},
+                   **dict(zip(("stride_kn", "stride_kh", "stride_ks", "stride_kd"),
+                              suffix_kv.stride())),
+                   **dict(zip(("stride_vn", "stride_vh", "stride_vs", "stride_vd"),
+                              suffix_kv.stride())),
+                   **dict(zip(("stride_mn", "stride_ms"), suffix_mask.stride())),
+                   **strides("p", out),
+                   **dict(zip(("stride_pln", "stride_plh", "stride_plt"), lse.stride())),
+                   **strides("o", out), **dict(zip(("stride_ln", "stride_lh", "stride_lt"),
+                                                   lse.stride()))}
+    return prefix_args, suffix_args
+
+
+# (tokens per child, GQA group, children per parent, mask dtype) of the shapes aot_specs
+# compiles: decoding and 32-token steps, MHA and GQA, one to 64 children (best-of-64), bool
+# masks (converted to int8) and the search's int64 ones. Between them they reach every
+# BLOCK_M both launchers pick (16, 32, 64) and the JIT's constants for T = 1 and G = 1.
+AOT_SHAPES = ((1, 1, 1, torch.int8), (1, 6, 4, torch.int64), (1, 8, 64, torch.int64),
+              (32, 1, 1, torch.int64), (32, 8, 4, torch.int64))
+
+
+def aot_specs():
+    """Every program the two launchers compile on a GPU (see ``oreo_fast.kernels.aot``): each
+    input dtype, head dims 64 and 128, and the shapes above: the DTYPE, BLOCK sizes and warps
+    ``launch_config`` picks, and the integer specialisations (1 -> constant, multiples of 16)
+    the JIT makes for those shapes."""
+    from . import aot
+
+    specs = []
+    for dtype in (torch.bfloat16, torch.float16, torch.float32, torch.float64):
+        compute = torch.float64 if dtype == torch.float64 else torch.float32
+        for head_dim in AOT_HEAD_DIMS:
+            for tokens, group, children, mask_dtype in AOT_SHAPES:
+                prefix_args, suffix_args = _aot_layouts(children, tokens, group, head_dim)
+                shape = (f"{str(dtype)[6:]} D={head_dim} G={group} T={tokens} "
+                         f"K={children} mask={str(mask_dtype)[6:]}")
+                for kernel, rows, args, pointers in (
+                    (_prefix_attention_kernel, children * tokens * group,
+                     prefix_args,
+                     {"q_ptr": dtype, "k_ptr": dtype, "v_ptr": dtype,
+                      "key_ok_ptr": mask_dtype, "child_start_ptr": torch.int64,
+                      "out_ptr": compute, "lse_ptr": compute}),
+                    (_suffix_merge_kernel, tokens * group, suffix_args,
+                     {"q_ptr": dtype, "k_ptr": dtype, "v_ptr": dtype,
+                      "key_ok_ptr": mask_dtype, "prefix_out_ptr": compute,
+                      "prefix_lse_ptr": compute, "out_ptr": compute,
+                      "lse_ptr": compute}),
+                ):
+                    compute_dtype, block_m, block_n, block_d, num_warps = \
+                        launch_config(rows, head_dim, dtype, on_gpu=True)
+                    ints, constants, aligned = aot.int_args(**args)
+                    specs.append({
+                        "kernel": kernel,
+                        "signature": {**{k: aot.pointer(v)
+                                         for k, v in pointers.items()},
+                                      **ints, "scale": "fp32"},
+                        "constexprs": {**constants, "DTYPE": compute_dtype,
+                                       "BLOCK_M": block_m, "BLOCK_N": block_n,
+                                       "BLOCK_D": block_d},
+                        "num_warps": num_warps, "aligned": aligned,
+                        "label": f"{kernel.fn.__name__.split('_')[1]} {shape}",
+                    })
+    return aot.unique_specs(specs)

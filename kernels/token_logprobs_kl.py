@@ -123,13 +123,21 @@ def _compute_tl_dtype(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
+def launch_config(V: int, block_v: int | None = None, on_gpu: bool | None = None):
+    """(BLOCK_V, num_warps) of both kernels for a vocabulary of V: the one place the launchers
+    and ``aot_specs`` take them from. ``block_v`` overrides the block (tests cross block
+    boundaries with it); ``on_gpu`` defaults to whether CUDA is available (the interpreter
+    on CPU runs smaller blocks faster)."""
+    if on_gpu is None:
+        on_gpu = torch.cuda.is_available()
+    if not block_v:
+        block_v = min(4096 if on_gpu else 1024, triton.next_power_of_2(V))
+    num_warps = 4 if block_v <= 1024 else 8 if block_v <= 4096 else 16
+    return block_v, num_warps
+
+
 def default_block_v(V: int) -> int:
-    cap = 1024 if not torch.cuda.is_available() else 4096
-    return min(cap, triton.next_power_of_2(V))
-
-
-def _num_warps(block_v: int) -> int:
-    return 4 if block_v <= 1024 else 8 if block_v <= 4096 else 16
+    return launch_config(V)[0]
 
 
 def logprobs_kl_forward(logits, ref_logits, actions, mask, compute_kl=True, block_v=None):
@@ -145,14 +153,14 @@ def logprobs_kl_forward(logits, ref_logits, actions, mask, compute_kl=True, bloc
     logp, ref_logp, lse, ref_lse, kl = outputs
     if B * T == 0:
         return tuple(outputs)
-    block_v = block_v or default_block_v(V)
+    block_v, num_warps = launch_config(V, block_v)
     _logprobs_kl_forward_kernel[(B * T,)](
         logits, ref_logits, actions.contiguous(), mask.contiguous(),
         logp, ref_logp, lse, ref_lse, kl,
         T, V,
         logits.stride(0), logits.stride(1), ref_logits.stride(0), ref_logits.stride(1),
         COMPUTE_KL=compute_kl, DTYPE=_compute_tl_dtype(logits.dtype), BLOCK_V=block_v,
-        num_warps=_num_warps(block_v),
+        num_warps=num_warps,
     )
     return logp, ref_logp, lse, ref_lse, kl
 
@@ -170,7 +178,7 @@ def logprobs_kl_backward(
     grad_logits = torch.empty_like(logits) if out is None else out
     if B * T == 0:
         return grad_logits
-    block_v = block_v or default_block_v(V)
+    block_v, num_warps = launch_config(V, block_v)
     has_kl_grad = grad_kl is not None
     grad_logp = grad_logp.contiguous()
     grad_kl = grad_kl.contiguous() if has_kl_grad else grad_logp
@@ -181,6 +189,59 @@ def logprobs_kl_backward(
         logits.stride(0), logits.stride(1), ref_logits.stride(0), ref_logits.stride(1),
         grad_logits.stride(0), grad_logits.stride(1),
         HAS_KL_GRAD=has_kl_grad, DTYPE=_compute_tl_dtype(logits.dtype), BLOCK_V=block_v,
-        num_warps=_num_warps(block_v),
+        num_warps=num_warps,
     )
     return grad_logits
+
+
+# Vocabularies the trainer meets (Llama 2, Llama 3, Qwen 2.5); each is a multiple of 16.
+AOT_VOCABS = (32000, 128256, 151936)
+
+
+def aot_specs():
+    """Every program the two launchers compile on a GPU (see ``oreo_fast.kernels.aot``): each
+    float dtype of the logits, both values of COMPUTE_KL / HAS_KL_GRAD, and the BLOCK_V and
+    warps ``launch_config`` picks for the vocabularies above; batch strides that fit in int32
+    and ones that do not (B * T * V past 2**31 elements)."""
+    from . import aot
+
+    specs = []
+    for dtype in (torch.bfloat16, torch.float16, torch.float32, torch.float64):
+        compute = torch.float64 if dtype == torch.float64 else torch.float32
+        for V in AOT_VOCABS:
+            block_v, num_warps = launch_config(V, on_gpu=True)
+            for T, big in ((2048, False), (16384, True)):  # a long context: T * V > 2**31
+                batch_stride = aot.int_type(T * V)
+                if big != (batch_stride == "i64"):
+                    continue
+                ints = {"T": aot.int_type(T), "V": aot.int_type(V)}
+                row_strides = {"stride_lb": batch_stride, "stride_lt": aot.int_type(V),
+                               "stride_rb": batch_stride, "stride_rt": aot.int_type(V)}
+                aligned = ["V", "stride_lb", "stride_lt", "stride_rb", "stride_rt"]
+                common = {"logits_ptr": aot.pointer(dtype), "ref_ptr": aot.pointer(dtype),
+                          "actions_ptr": aot.pointer(torch.int64),
+                          "mask_ptr": aot.pointer(torch.bool), **ints, **row_strides}
+                name = f"{str(dtype)[6:]} V={V} strides={batch_stride}"
+                for compute_kl in (True, False):
+                    outputs = ("logp_ptr", "ref_logp_ptr", "lse_ptr", "ref_lse_ptr", "kl_ptr")
+                    specs.append({
+                        "kernel": _logprobs_kl_forward_kernel,
+                        "signature": {**common, **{o: aot.pointer(compute) for o in outputs}},
+                        "constexprs": {"COMPUTE_KL": compute_kl,
+                                       "DTYPE": _compute_tl_dtype(dtype), "BLOCK_V": block_v},
+                        "num_warps": num_warps, "aligned": aligned,
+                        "label": f"forward {name} COMPUTE_KL={compute_kl}",
+                    })
+                for has_kl_grad in (True, False):
+                    saved = ("lse_ptr", "ref_lse_ptr", "kl_ptr", "grad_logp_ptr", "grad_kl_ptr")
+                    specs.append({
+                        "kernel": _logprobs_kl_backward_kernel,
+                        "signature": {**common, **{s: aot.pointer(compute) for s in saved},
+                                      "grad_logits_ptr": aot.pointer(dtype),
+                                      "stride_gb": batch_stride, "stride_gt": aot.int_type(V)},
+                        "constexprs": {"HAS_KL_GRAD": has_kl_grad,
+                                       "DTYPE": _compute_tl_dtype(dtype), "BLOCK_V": block_v},
+                        "num_warps": num_warps, "aligned": aligned + ["stride_gb", "stride_gt"],
+                        "label": f"backward {name} HAS_KL_GRAD={has_kl_grad}",
+                    })
+    return aot.unique_specs(specs)
