@@ -43,9 +43,13 @@ from oreo_fast import ops, reference
 from oreo_fast.reference import KL_ESTIMATORS, LEVELS, OreoLossOutput
 
 # bytes of one chunk's policy logits in the compute dtype (the working set is about four
-# times that: reference log-softmax, log p - log q, p); 8 MiB measured best on the 2-core
-# CPU (benchmarks/test_grad_in_forward.py), 256 MiB on GPU as in ops.default_chunk_rows
+# times that: reference log-softmax, log p - log q, p). By default a chunk also has at least
+# DEFAULT_MIN_ROWS rows, so that the matmuls stay efficient when the vocabulary is large (a
+# Qwen2.5 head at 8 MiB would give 13-row matmuls that re-read the whole LM head 157 times
+# for 2048 tokens). 8 MiB: the best of 4, 8, 16 and 32 MiB on the 2-core CPU at N=4096,
+# V=32000, H=256; on GPU 256 MiB as ops.default_chunk_rows.
 DEFAULT_BUDGET_BYTES = {"cpu": 8 * 2**20, "cuda": 256 * 2**20}
+DEFAULT_MIN_ROWS = 64
 IMPLS = ("auto", "torch", "triton")
 
 
@@ -108,6 +112,8 @@ class ChunkPlan:
         """(b, t, state_t, state_row, seg_first) as int64 tensors on ``device`` (one copy)."""
         packed = torch.from_numpy(np.stack([self.b, self.t, self.state_t, self.state_row,
                                             self.seg_first]).astype(np.int64))
+        if device.type == "cuda":
+            packed = packed.pin_memory()  # a pinned copy does not wait for the device
         return packed.to(device, non_blocking=True).unbind(0)
 
 
@@ -156,12 +162,14 @@ def _prepare(values, rewards, mask, state_mask, level, beta, kl_coef, kl_estimat
 
 
 def budget_rows(chunk_budget_bytes, vocab_size: int, dtype: torch.dtype, device) -> int:
-    """Rows per chunk: the budget over the bytes of one row of logits in the compute dtype."""
+    """Rows per chunk: the budget over the bytes of one row of logits in the compute dtype
+    (default: DEFAULT_BUDGET_BYTES, and at least DEFAULT_MIN_ROWS rows)."""
+    row = max(1, vocab_size) * (8 if dtype == torch.float64 else 4)
     if chunk_budget_bytes is None:
-        chunk_budget_bytes = DEFAULT_BUDGET_BYTES["cuda" if device.type == "cuda" else "cpu"]
+        budget = DEFAULT_BUDGET_BYTES["cuda" if device.type == "cuda" else "cpu"]
+        return max(DEFAULT_MIN_ROWS, budget // row)
     if not isinstance(chunk_budget_bytes, int) or chunk_budget_bytes < 1:
         raise ValueError(f"chunk_budget_bytes must be an int >= 1, got {chunk_budget_bytes!r}")
-    row = max(1, vocab_size) * (8 if dtype == torch.float64 else 4)
     return max(1, chunk_budget_bytes // row)
 
 
@@ -480,7 +488,8 @@ def oreo_loss_fused_linear_gif(
     through autograd like any parameter's, so FSDP2 needs nothing special. At most
     ``chunk_budget_bytes`` of policy logits (compute dtype) exist per chunk, rounded up to
     the longest step at level "step"; at level "response" a response longer than that falls
-    back to the two-pass ``oreo_loss_fused_linear``. One backward per forward.
+    back to the two-pass ``oreo_loss_fused_linear``. One backward per forward. ``block_v``
+    overrides the Triton kernels' vocabulary block (tests use it to cross block boundaries).
     """
     actions, mask = ops.validate_fused_inputs(hidden, weight, ref_hidden, ref_weight, actions,
                                               action_mask)

@@ -149,6 +149,52 @@ def test_inplace_logits_hold_the_gradient(impl):
     assert (buffer[~args["action_mask"]] == 0).all()
 
 
+@pytest.mark.parametrize("impl", IMPLS)
+def test_inplace_on_logits_of_a_matmul(impl):
+    """In place on a non-leaf: logits = hidden @ weight.T (the matmul saves only its inputs),
+    the gradients reach hidden and weight."""
+    args, step_start = batch()
+    S = state_mask_for_level(args["action_mask"], "token")
+    want = expected(args, S, **KW)
+    hidden, weight = args.pop("hidden"), args.pop("weight")
+    logits = hidden @ weight.t()
+    ref_logits = args.pop("ref_hidden") @ args.pop("ref_weight").t()
+    out = gif.oreo_loss_gif(logits, ref_logits, **args, state_mask=S, impl=impl, inplace=True,
+                            **KW)
+    grads = torch.autograd.grad(GV * out.value_loss + GP * out.policy_loss,
+                                (hidden, weight, args["values"]))
+    for x, y in zip(grads, want[1]):
+        torch.testing.assert_close(x, y, rtol=1e-10, atol=1e-10)
+
+
+def test_aot_specs_compile_for_sm90():
+    """Every spec of aot_specs() compiles for sm_90 with the real compiler (ptxas ships with
+    Triton), in a process without the interpreter."""
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton")
+    script = (
+        "import triton\n"
+        "from triton.backends.compiler import GPUTarget\n"
+        "from oreo_fast.kernels.oreo_grad_in_forward import aot_specs\n"
+        "specs = aot_specs()\n"
+        "for s in specs:\n"
+        "    k = triton.compile(triton.compiler.ASTSource(fn=s['kernel'], signature=s['signature'],"
+        " constexprs=s['constexprs']), target=GPUTarget('cuda', 90, 32),"
+        " options={'num_warps': s['num_warps']})\n"
+        "    assert k.asm.get('cubin'), s['label']\n"
+        "print(len(specs))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert int(done.stdout.split()[-1]) == 32  # 4 dtypes x 2 estimators x 2 blocks x 2 kernels
+
+
 def test_backward_reaches_parameters_through_autograd():
     """An nn.Linear head gets its .grad from loss.backward(), like any parameter (FSDP2)."""
     args, _ = batch()

@@ -1,0 +1,195 @@
+"""The grad-in-forward OREO loss against the paper recipe, its torch.compile, today's two-pass
+fused path and its own four matmuls (providers: benchmarks/gif_providers.py), forward +
+backward of the whole loss, in ONE run with the providers interleaved round by round (so that
+the load of a shared machine moves them alike), at 1 and 2 threads, at the op benchmark's CPU
+shape (N=4096, V=32000, H=256) and at Qwen2.5-1.5B's LM head (N=2048, V=151936, H=1536),
+float32; then the extra peak memory of each provider in a fresh process.
+
+    OREO_BENCH_THREADS= .venv/bin/python -m pytest -p no:cacheprovider -q \
+        benchmarks/test_grad_in_forward.py --benchmark-only        # ~30 min on 2 cores
+
+| variable | default | meaning |
+|---|---|---|
+| `OREO_BENCH_GIF_SHAPES` | `cpu,qwen` | shapes of gif_providers.SHAPES (`small`: a smoke run) |
+| `OREO_BENCH_GIF_ROUNDS` | `cpu:3,qwen:1` | timed rounds per shape (after one untimed, checked step) |
+| `OREO_BENCH_GIF_THREAD_COUNTS` | `1,2` | torch threads, each a pass over all rounds |
+| `OREO_BENCH_RESULTS_DIR` | `benchmarks/results` | where `grad_in_forward_cpu_<date>.json` goes |
+
+Ratios are of medians within this run. Targets (issue 15): gif <= 1.3x floor, two_pass >=
+1.3x gif, paper >= gif, gif extra peak <= 0.15x paper's.
+"""
+from __future__ import annotations
+
+import datetime
+import gc
+import json
+import os
+import statistics
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from benchmarks import gif_providers as gp
+from benchmarks import report
+
+SHAPE_NAMES = os.environ.get("OREO_BENCH_GIF_SHAPES", "cpu,qwen").split(",")
+ROUNDS = {k: int(v) for k, v in (item.split(":") for item in os.environ.get(
+    "OREO_BENCH_GIF_ROUNDS", "cpu:3,qwen:1,small:2").split(","))}
+THREADS = [int(t) for t in os.environ.get("OREO_BENCH_GIF_THREAD_COUNTS", "1,2").split(",")]
+ORDER = ("paper", "two_pass", "gif", "paper_compiled", "floor")
+
+TIMES: dict = {}  # (shape, threads, provider) -> [seconds]
+STATE: dict = {"load": [os.getloadavg()]}
+MEMORY: dict = {}  # (shape, provider) -> memory dict
+
+
+def _cases():
+    """Interleaved: for each shape and thread count, round after round of every provider."""
+    for shape in SHAPE_NAMES:
+        for threads in THREADS:
+            for round_ in range(ROUNDS.get(shape, 1)):
+                for provider in ORDER:
+                    yield pytest.param(shape, threads, round_, provider,
+                                       id=f"{shape}-{threads}t-r{round_}-{provider}")
+
+
+class _Cache:
+    """Inputs of one shape at a time, each provider's step (compiled once) and the paper's
+    results for the check."""
+
+    def __init__(self):
+        self.shape = None
+
+    def get(self, shape):
+        if shape != self.shape:
+            self.shape = self.inputs = self.expected = None
+            self.steps = {}
+            gc.collect()
+            self.inputs = gp.make_inputs(gp.SHAPES[shape])
+            self.shape = shape
+        return self.inputs
+
+    def step(self, provider):
+        if provider not in self.steps:
+            step = gp.PROVIDERS[provider](self.inputs)
+            if provider == "paper":
+                self.expected = gp.results(self.inputs, step)  # also the warm-up
+            elif provider in gp.CHECKED:
+                if self.expected is None:
+                    self.expected = gp.results(self.inputs, gp.PROVIDERS["paper"](self.inputs))
+                gp.check(provider, gp.results(self.inputs, step), self.expected)
+            else:
+                step()  # warm-up
+            gp.clear_grads(self.inputs)
+            self.steps[provider] = step
+        return self.steps[provider]
+
+
+_CACHE = _Cache()
+
+
+@pytest.mark.parametrize("shape,threads,round_,provider", list(_cases()))
+def test_forward_backward(benchmark, shape, threads, round_, provider):
+    torch.set_num_threads(threads)
+    inputs = _CACHE.get(shape)
+    step = _CACHE.step(provider)
+    benchmark.group = f"grad-in-forward {gp.SHAPES[shape].slug} {threads}t"
+    benchmark.pedantic(step, setup=lambda: gp.clear_grads(inputs), rounds=1, iterations=1)
+    gp.clear_grads(inputs)
+    if getattr(benchmark, "disabled", False) or benchmark.stats is None:
+        return
+    TIMES.setdefault((shape, threads, provider), []).append(benchmark.stats.stats.median)
+
+
+@pytest.mark.parametrize("shape", SHAPE_NAMES)
+@pytest.mark.parametrize("provider", ORDER)
+def test_extra_peak_memory(shape, provider, benchmark):
+    if getattr(benchmark, "disabled", False):
+        pytest.skip("memory is measured in benchmarking runs only")
+    _CACHE.shape = None  # free this process's inputs first
+    gc.collect()
+    result = report.measure_in_subprocess(
+        "benchmarks.gif_providers", ["--provider", provider, "--shape", shape], timeout=3600)
+    assert result.get("status") == "ok", result.get("reason")
+    MEMORY[(shape, provider)] = result["memory"]
+
+
+def _lscpu() -> str:
+    try:
+        return subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+    except OSError:
+        return ""
+
+
+def _summary(shape: str, threads: int) -> dict:
+    med = {p: statistics.median(TIMES[(shape, threads, p)]) for p in ORDER
+           if (shape, threads, p) in TIMES}
+    out = {"median_s": med, "rounds": {p: TIMES[(shape, threads, p)] for p in med}}
+    if {"gif", "floor", "two_pass", "paper"} <= med.keys():
+        out["ratios"] = {
+            "gif_over_floor": med["gif"] / med["floor"],
+            "two_pass_over_gif": med["two_pass"] / med["gif"],
+            "paper_over_gif": med["paper"] / med["gif"],
+            "paper_compiled_over_gif": med.get("paper_compiled", float("nan")) / med["gif"],
+        }
+        r = out["ratios"]
+        out["targets"] = {
+            "gif_at_most_1.3x_floor": r["gif_over_floor"] <= 1.3,
+            "gif_at_least_1.3x_faster_than_two_pass": r["two_pass_over_gif"] >= 1.3,
+            "gif_not_slower_than_paper": r["paper_over_gif"] >= 1.0,
+        }
+    return out
+
+
+def test_write_report(benchmark):
+    if getattr(benchmark, "disabled", False) or not TIMES:
+        pytest.skip("no timings in this run")
+    STATE["load"].append(os.getloadavg())
+    shapes = {}
+    for shape in SHAPE_NAMES:
+        s = gp.SHAPES[shape]
+        entry = {"shape": {"tokens": s.batch * s.seq, "batch": s.batch, "seq": s.seq,
+                           "vocab": s.vocab, "hidden": s.hidden, "dtype": "float32"},
+                 "threads": {str(t): _summary(shape, t) for t in THREADS}}
+        mem = {p: MEMORY[(shape, p)] for p in ORDER if (shape, p) in MEMORY}
+        if mem:
+            entry["memory"] = mem
+            if "gif" in mem and "paper" in mem:
+                fraction = mem["gif"]["extra_peak_mb"] / mem["paper"]["extra_peak_mb"]
+                entry["gif_extra_peak_fraction_of_paper"] = fraction
+                entry["target_gif_extra_peak_at_most_0.15x_paper"] = fraction <= 0.15
+        shapes[shape] = entry
+    env = report.environment(torch.device("cpu"))
+    env["versions"]["transformers"] = report._version("transformers")
+    env["lscpu"] = _lscpu()
+    env["load_average_start_end"] = STATE["load"]
+    built = {
+        "benchmark": "OREO loss forward+backward from hidden states: paper recipe, "
+                     "torch.compile, two-pass fused, grad-in-forward, its four matmuls",
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "environment": env,
+        "loss": f"token level, full KL, beta={gp.BETA}, kl_coef={gp.KL_COEF}, all tokens "
+                "actions and states, out.loss.backward() into hidden, weight, values",
+        "timing": "seconds of one forward+backward per round, providers interleaved round by "
+                  "round; one untimed checked step first",
+        "memory": "extra peak MiB of one step in a fresh process after a warm-up step "
+                  "(VmHWM after clear_refs minus VmRSS, MALLOC_MMAP_THRESHOLD_ fixed)",
+        "shapes": shapes,
+    }
+    directory = Path(os.environ.get("OREO_BENCH_RESULTS_DIR", report.RESULTS_DIR))
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"grad_in_forward_cpu_{'-'.join(SHAPE_NAMES)}_{built['date'][:10]}.json"
+    path.write_text(json.dumps(built, indent=2) + "\n")
+    lines = [f"results written to {path}"]
+    for shape, entry in shapes.items():
+        for t, summary in entry["threads"].items():
+            lines.append(f"{shape} {t}t: " + ", ".join(
+                f"{p} {v:.2f}s" for p, v in summary["median_s"].items()) +
+                "; " + ", ".join(f"{k} {v:.2f}" for k, v in summary.get("ratios", {}).items()))
+        if "gif_extra_peak_fraction_of_paper" in entry:
+            lines.append(f"{shape}: extra peak MiB " + ", ".join(
+                f"{p} {m['extra_peak_mb']:.0f}" for p, m in entry["memory"].items()) +
+                f"; gif/paper {entry['gif_extra_peak_fraction_of_paper']:.3f}")
+    print("\n".join(lines))
