@@ -125,7 +125,9 @@ def pack_chunks(cuts: np.ndarray, budget_rows: int) -> list[tuple[int, int]]:
     total = int(cuts[-1]) if cuts.size else 0
     while start < total:
         i = np.searchsorted(cuts, start + budget_rows, side="right") - 1
-        stop = int(cuts[i]) if i >= 0 and cuts[i] > start else int(cuts[np.searchsorted(cuts, start, side="right")])
+        if i < 0 or cuts[i] <= start:  # the next unit alone exceeds the budget
+            i = np.searchsorted(cuts, start, side="right")
+        stop = int(cuts[i])
         chunks.append((start, stop))
         start = stop
     return chunks
@@ -184,8 +186,8 @@ def _resolve_impl(impl, device):
 
 def _dense_terms(logp, ref_logp, kl, values, rewards, m, S, beta, kl_coef, kl_estimator,
                  denominator):
-    """Losses, diagnostics, the row coefficients (c, w) and d value_loss / d values from the
-    per-token log-probs and KL (zeros where m is false), exactly as reference.bellman_losses."""
+    """Losses, diagnostics and d value_loss / d values from the per-token log-probs and KL
+    (zeros where m is false), exactly as reference.bellman_losses."""
     dtype = logp.dtype
     zero = torch.zeros((), dtype=dtype, device=logp.device)
     lr = torch.where(m, logp - ref_logp, zero)
@@ -193,7 +195,6 @@ def _dense_terms(logp, ref_logp, kl, values, rewards, m, S, beta, kl_coef, kl_es
     V, R = values.detach().to(dtype), rewards.detach().to(dtype).unsqueeze(1)
     residual = V - R + beta * A  # value and policy residual alike
     n_states = S.sum(1, keepdim=True).clamp(min=1).to(dtype)
-    n_actions = m.sum(1, keepdim=True).clamp(min=1).to(dtype)
     squared = reference.masked_sequence_mean(residual.square(), S).sum() / denominator
     per_token_kl = reference.k3_kl(logp, ref_logp) if kl_estimator == "k3" else kl
     sequence_kl = reference.masked_sequence_mean(per_token_kl, m)
@@ -207,16 +208,8 @@ def _dense_terms(logp, ref_logp, kl, values, rewards, m, S, beta, kl_coef, kl_es
     residual_abs = torch.where(S, residual.abs(), zero).sum() / S.sum().clamp(min=1)
 
     grad_values = torch.where(S, 2 * residual / (n_states * denominator), zero)
-    # s(t): the last state at or before t; its residual drives every action up to the next one
-    T = S.shape[1]
-    positions = torch.where(S, torch.arange(T, device=S.device), -1).cummax(1).values
-    state_residual = residual.gather(1, positions.clamp(min=0))
-    c = torch.where(m & (positions >= 0), 2 * beta * state_residual / (n_states * denominator), zero)
-    w = torch.where(m, kl_coef / (n_actions * denominator), zero)
-    if kl_estimator == "k3":
-        c = c + w * (-torch.expm1(ref_logp - logp))
     diagnostics = (sequence_kl.mean(), residual_abs, first_value, first_adv)
-    return squared, policy_loss, diagnostics, grad_values, c, w
+    return squared, policy_loss, diagnostics, grad_values
 
 
 # ---------------------------------------------------------------- one chunk of rows (torch)
@@ -252,7 +245,7 @@ def rows_grad_torch(buffers, actions, kl, c, w):
     return grad.scatter_add_(-1, actions.unsqueeze(-1), c.unsqueeze(-1))
 
 
-def _chunk_coefficients(logp, ref_logp, kl, rows, carry, values_cd, rewards_cd, inv_states,
+def _chunk_coefficients(logp, ref_logp, rows, carry, values_cd, rewards_cd, inv_states,
                         inv_actions, beta, kl_coef, kl_estimator, start):
     """Row coefficients (c, w) of one chunk: A by a reverse cumsum inside the chunk plus the
     per-sequence carry of the rows already walked (later in time), then the carry update."""
@@ -311,7 +304,7 @@ class _Walk:
                                                          self.block_v, z_rows, r_rows)
         else:
             logp, ref_logp, kl, buffers = rows_stats_torch(z, r, actions, self.full_kl)
-        c, w = _chunk_coefficients(logp, ref_logp, kl, rows, self.carry, self.values,
+        c, w = _chunk_coefficients(logp, ref_logp, rows, self.carry, self.values,
                                    self.rewards, self.inv_states, self.inv_actions, self.beta,
                                    self.kl_coef, self.kl_estimator, start)
         for buffer, x in zip(self.out, (logp, ref_logp, kl)):
@@ -336,7 +329,7 @@ def _finish(ctx, walk, values, rewards, m, S, denominator, grad_values_to):
     """Losses and diagnostics from the walked rows; saves d value_loss / d values."""
     B, T = m.shape
     logp, ref_logp, kl = walk.dense(B, T)
-    value_loss, policy_loss, diagnostics, grad_values, _, _ = _dense_terms(
+    value_loss, policy_loss, diagnostics, grad_values = _dense_terms(
         logp, ref_logp, kl, values, rewards, m, S, walk.beta, walk.kl_coef, walk.kl_estimator,
         denominator)
     ctx.grad_values = grad_values.to(grad_values_to) if grad_values_to is not None else None

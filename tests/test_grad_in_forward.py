@@ -48,8 +48,8 @@ def batch(V=37, H=5, dtype=F64, seed=0, logits=False):
         args["logits"] = (hidden @ weight.t()).to(dtype).requires_grad_()
         args["ref_logits"] = (ref_hidden @ ref_weight.t()).to(dtype)
     else:
-        args.update(hidden=hidden.to(dtype).requires_grad_(), weight=weight.to(dtype).requires_grad_(),
-                    ref_hidden=ref_hidden.to(dtype), ref_weight=ref_weight.to(dtype))
+        args.update(hidden=hidden.to(dtype).requires_grad_(),
+                    weight=weight.to(dtype).requires_grad_(), ref_hidden=ref_hidden.to(dtype), ref_weight=ref_weight.to(dtype))
     return args, step_start
 
 
@@ -236,8 +236,8 @@ def test_value_loss_only_and_detached_values():
     out = gif.oreo_loss_fused_linear_gif(**args, state_mask=S, impl="torch", **kw)
     ref = reference.oreo_loss_reference(args["hidden"] @ args["weight"].t(),
                                         args["ref_hidden"] @ args["ref_weight"].t(),
-                                        args["actions"].clamp(min=0), args["values"], args["rewards"],
-                                        args["action_mask"], S, beta=0.1, kl_coef=0.05,
+                                        args["actions"].clamp(min=0), args["values"],
+                                        args["rewards"], args["action_mask"], S, beta=0.1, kl_coef=0.05,
                                         num_sequences=7)
     got = torch.autograd.grad(out.value_loss, args["values"])[0]
     torch.testing.assert_close(got, torch.autograd.grad(ref.value_loss, args["values"])[0],
@@ -252,7 +252,8 @@ def test_value_loss_only_and_detached_values():
 @pytest.mark.parametrize("impl", IMPLS)
 def test_bf16_against_float32(impl):
     """bf16 hidden and weights (logits rounded to bf16 by the matmul): outputs within 2%
-    (+ 2e-2 absolute: a sum of ten bf16-rounded log-ratios moves by about 1%) and gradients within 3% of their scale of a float32 run on the same bf16 values."""
+    (+ 2e-2 absolute: a sum of ten bf16-rounded log-ratios moves by about 1%) and gradients
+    within 3% of their scale of a float32 run on the same bf16 values."""
     args, step_start = batch(V=300, H=16, dtype=torch.bfloat16)
     S = state_mask_for_level(args["action_mask"], "step", step_start)
     kw = dict(KW, level="step")
