@@ -12,7 +12,9 @@ float32; then the extra peak memory of each provider in a fresh process.
 |---|---|---|
 | `OREO_BENCH_GIF_SHAPES` | `cpu,qwen` | shapes of gif_providers.SHAPES (`small`: a smoke run) |
 | `OREO_BENCH_GIF_ROUNDS` | `cpu:3,qwen:1` | timed rounds per shape (after one untimed, checked step) |
-| `OREO_BENCH_GIF_THREAD_COUNTS` | `1,2` | torch threads, each a pass over all rounds |
+| `OREO_BENCH_GIF_THREAD_COUNTS` | `1,2` | torch threads, each a pass over all rounds; per shape: `cpu:1+2,qwen:2` |
+| `OREO_BENCH_GIF_WARM` | `cpu,small` | shapes with an untimed warm-up step per provider (others: the timed step is checked after) |
+| `OREO_BENCH_GIF_MEMORY` | `qwen:paper+gif` | per shape, the providers whose memory is measured (default: all) |
 | `OREO_BENCH_RESULTS_DIR` | `benchmarks/results` | where `grad_in_forward_cpu_<date>.json` goes |
 
 Ratios are of medians within this run. Targets (issue 15): gif <= 1.3x floor, two_pass >=
@@ -37,22 +39,51 @@ from benchmarks import report
 SHAPE_NAMES = os.environ.get("OREO_BENCH_GIF_SHAPES", "cpu,qwen").split(",")
 ROUNDS = {k: int(v) for k, v in (item.split(":") for item in os.environ.get(
     "OREO_BENCH_GIF_ROUNDS", "cpu:3,qwen:1,small:2").split(","))}
-THREADS = [int(t) for t in os.environ.get("OREO_BENCH_GIF_THREAD_COUNTS", "1,2").split(",")]
+THREADS = [1, 2]
+
+
+def _threads(shape):
+    """OREO_BENCH_GIF_THREAD_COUNTS: "1,2" for every shape, or per shape "cpu:1+2,qwen:2"."""
+    spec = os.environ.get("OREO_BENCH_GIF_THREAD_COUNTS", "1,2")
+    if ":" not in spec:
+        return [int(t) for t in spec.split(",")]
+    for item in spec.split(","):
+        name, _, counts = item.partition(":")
+        if name == shape:
+            return [int(t) for t in counts.split("+")]
+    return THREADS
 ORDER = ("paper", "two_pass", "gif", "paper_compiled", "floor")
+# the Qwen head's recipe step takes minutes on a loaded 2-core machine: memory of the two
+# providers the target compares only, unless OREO_BENCH_GIF_MEMORY says otherwise
+DEFAULT_MEMORY = "qwen:paper+gif"
+# shapes whose providers get an untimed warm-up step (the Qwen head's steps take minutes and
+# are compute-bound: there the first timed step is checked instead)
+WARM = os.environ.get("OREO_BENCH_GIF_WARM", "cpu,small").split(",")
 
 TIMES: dict = {}  # (shape, threads, provider) -> [seconds]
 STATE: dict = {"load": [os.getloadavg()]}
 MEMORY: dict = {}  # (shape, provider) -> memory dict
 
 
+def _memory_providers(shape):
+    for item in os.environ.get("OREO_BENCH_GIF_MEMORY", DEFAULT_MEMORY).split(","):
+        name, _, providers = item.partition(":")
+        if name == shape:
+            return providers.split("+")
+    return list(ORDER)
+
+
 def _cases():
-    """Interleaved: for each shape and thread count, round after round of every provider."""
+    """Per shape: for each thread count, round after round of every provider (interleaved);
+    then each provider's extra peak memory in a fresh process."""
     for shape in SHAPE_NAMES:
-        for threads in THREADS:
+        for threads in _threads(shape):
             for round_ in range(ROUNDS.get(shape, 1)):
                 for provider in ORDER:
-                    yield pytest.param(shape, threads, round_, provider,
+                    yield pytest.param("time", shape, threads, round_, provider,
                                        id=f"{shape}-{threads}t-r{round_}-{provider}")
+        for provider in _memory_providers(shape):
+            yield pytest.param("memory", shape, 0, 0, provider, id=f"{shape}-memory-{provider}")
 
 
 class _Cache:
@@ -65,55 +96,64 @@ class _Cache:
     def get(self, shape):
         if shape != self.shape:
             self.shape = self.inputs = self.expected = None
-            self.steps = {}
+            self.steps, self.checked = {}, set()
             gc.collect()
             self.inputs = gp.make_inputs(gp.SHAPES[shape])
             self.shape = shape
         return self.inputs
 
-    def step(self, provider):
+    def step(self, provider, warm: bool):
+        """The provider's step; ``warm``: one untimed step first, checked against the paper's
+        (otherwise the timed step is checked afterwards, see ``check_after``)."""
         if provider not in self.steps:
             step = gp.PROVIDERS[provider](self.inputs)
-            if provider == "paper":
-                self.expected = gp.results(self.inputs, step)  # also the warm-up
-            elif provider in gp.CHECKED:
-                if self.expected is None:
-                    self.expected = gp.results(self.inputs, gp.PROVIDERS["paper"](self.inputs))
-                gp.check(provider, gp.results(self.inputs, step), self.expected)
-            else:
-                step()  # warm-up
-            gp.clear_grads(self.inputs)
+            if warm or provider == "paper_compiled":  # compilation is never timed
+                self.check_after(provider, step())
             self.steps[provider] = step
         return self.steps[provider]
+
+    def check_after(self, provider, out):
+        """Check a step's outputs and the gradients it left (the first time only)."""
+        if provider in self.checked:
+            return
+        got = (torch.stack([f.detach().float() for f in out]),
+               [t.grad.clone() for t in gp.trainable(self.inputs)]) if out is not None else None
+        gp.clear_grads(self.inputs)
+        if provider == "paper":
+            self.expected = got
+        elif provider in gp.CHECKED:
+            gp.check(provider, got, self.expected)
+        self.checked.add(provider)
 
 
 _CACHE = _Cache()
 
 
-@pytest.mark.parametrize("shape,threads,round_,provider", list(_cases()))
-def test_forward_backward(benchmark, shape, threads, round_, provider):
+@pytest.mark.parametrize("kind,shape,threads,round_,provider", list(_cases()))
+def test_grad_in_forward(benchmark, kind, shape, threads, round_, provider):
+    if kind == "memory":
+        if getattr(benchmark, "disabled", False):
+            pytest.skip("memory is measured in benchmarking runs only")
+        _CACHE.shape = None  # free this process's inputs first
+        gc.collect()
+        result = report.measure_in_subprocess(
+            "benchmarks.gif_providers", ["--provider", provider, "--shape", shape], timeout=3600)
+        assert result.get("status") == "ok", result.get("reason")
+        MEMORY[(shape, provider)] = result["memory"]
+        _write_report()
+        return
     torch.set_num_threads(threads)
     inputs = _CACHE.get(shape)
-    step = _CACHE.step(provider)
+    step = _CACHE.step(provider, warm=shape in WARM)
     benchmark.group = f"grad-in-forward {gp.SHAPES[shape].slug} {threads}t"
-    benchmark.pedantic(step, setup=lambda: gp.clear_grads(inputs), rounds=1, iterations=1)
+    out = benchmark.pedantic(step, setup=lambda: gp.clear_grads(inputs), rounds=1,
+                             iterations=1)
+    _CACHE.check_after(provider, out)
     gp.clear_grads(inputs)
     if getattr(benchmark, "disabled", False) or benchmark.stats is None:
         return
     TIMES.setdefault((shape, threads, provider), []).append(benchmark.stats.stats.median)
-
-
-@pytest.mark.parametrize("shape", SHAPE_NAMES)
-@pytest.mark.parametrize("provider", ORDER)
-def test_extra_peak_memory(shape, provider, benchmark):
-    if getattr(benchmark, "disabled", False):
-        pytest.skip("memory is measured in benchmarking runs only")
-    _CACHE.shape = None  # free this process's inputs first
-    gc.collect()
-    result = report.measure_in_subprocess(
-        "benchmarks.gif_providers", ["--provider", provider, "--shape", shape], timeout=3600)
-    assert result.get("status") == "ok", result.get("reason")
-    MEMORY[(shape, provider)] = result["memory"]
+    _write_report()  # after every case: a run cut short still leaves its results
 
 
 def _lscpu() -> str:
@@ -143,16 +183,15 @@ def _summary(shape: str, threads: int) -> dict:
     return out
 
 
-def test_write_report(benchmark):
-    if getattr(benchmark, "disabled", False) or not TIMES:
-        pytest.skip("no timings in this run")
+def _write_report():
     STATE["load"].append(os.getloadavg())
     shapes = {}
     for shape in SHAPE_NAMES:
         s = gp.SHAPES[shape]
         entry = {"shape": {"tokens": s.batch * s.seq, "batch": s.batch, "seq": s.seq,
                            "vocab": s.vocab, "hidden": s.hidden, "dtype": "float32"},
-                 "threads": {str(t): _summary(shape, t) for t in THREADS}}
+                 "threads": {str(t): _summary(shape, t) for t in _threads(shape)
+                             if any(k[:2] == (shape, t) for k in TIMES)}}
         mem = {p: MEMORY[(shape, p)] for p in ORDER if (shape, p) in MEMORY}
         if mem:
             entry["memory"] = mem
@@ -164,7 +203,7 @@ def test_write_report(benchmark):
     env = report.environment(torch.device("cpu"))
     env["versions"]["transformers"] = report._version("transformers")
     env["lscpu"] = _lscpu()
-    env["load_average_start_end"] = STATE["load"]
+    env["load_average_1_5_15min_after_each_case"] = STATE["load"]
     built = {
         "benchmark": "OREO loss forward+backward from hidden states: paper recipe, "
                      "torch.compile, two-pass fused, grad-in-forward, its four matmuls",
@@ -192,4 +231,10 @@ def test_write_report(benchmark):
             lines.append(f"{shape}: extra peak MiB " + ", ".join(
                 f"{p} {m['extra_peak_mb']:.0f}" for p, m in entry["memory"].items()) +
                 f"; gif/paper {entry['gif_extra_peak_fraction_of_paper']:.3f}")
-    print("\n".join(lines))
+    STATE["summary"] = "\n".join(lines)
+
+
+def test_print_summary(benchmark):
+    if "summary" not in STATE:
+        pytest.skip("no results in this run")
+    print(STATE["summary"])
