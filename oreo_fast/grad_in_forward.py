@@ -46,8 +46,10 @@ from oreo_fast.reference import KL_ESTIMATORS, LEVELS, OreoLossOutput
 # times that: reference log-softmax, log p - log q, p). By default a chunk also has at least
 # DEFAULT_MIN_ROWS rows, so that the matmuls stay efficient when the vocabulary is large (a
 # Qwen2.5 head at 8 MiB would give 13-row matmuls that re-read the whole LM head 157 times
-# for 2048 tokens). 8 MiB: the best of 4, 8, 16 and 32 MiB on the 2-core CPU at N=4096,
-# V=32000, H=256; on GPU 256 MiB as ops.default_chunk_rows.
+# for 2048 tokens). 8 MiB (65 rows at V=32000): the best of 4, 8, 16 and 32 MiB in single
+# runs on the loaded 2-core CPU at N=4096, V=32000, H=256, 1 thread; the 64-row minimum is
+# not tuned (at the Qwen head, H=1536, larger chunks may pay: the weights are re-read per
+# chunk). On GPU 256 MiB as ops.default_chunk_rows.
 DEFAULT_BUDGET_BYTES = {"cpu": 8 * 2**20, "cuda": 256 * 2**20}
 DEFAULT_MIN_ROWS = 64
 IMPLS = ("auto", "torch", "triton")
