@@ -27,7 +27,8 @@ import time
 import torch
 
 import oreo_fast
-from oreo_fast import grad_in_forward, ops, reference
+
+from oreo_fast.ops import chunk_plan, fused_linear, grad_in_forward, reference
 from benchmarks.memory import peak_memory
 from benchmarks.providers import configure_threads
 
@@ -121,7 +122,7 @@ def make_gif(x, budget=None):
 def make_floor(x, budget=None):
     """The four matmuls of the gif path on its own chunks (rows in the same walk order)."""
     hidden, weight = x["hidden"], x["weight"]
-    rows = grad_in_forward.budget_rows(budget, weight.shape[0], hidden.dtype, hidden.device)
+    rows = chunk_plan.budget_rows(budget, weight.shape[0], hidden.dtype, hidden.device)
 
     def step():
         B, T, _ = hidden.shape
@@ -136,7 +137,7 @@ def make_floor(x, budget=None):
                 r = x["ref_hidden"][b, t] @ x["ref_weight"].t()
                 del r
                 grad_hidden[b, t] = z @ weight
-                ops.accumulate_weight_grad(grad_weight, z, h)
+                fused_linear.accumulate_weight_grad(grad_weight, z, h)
         hidden.grad, weight.grad = grad_hidden, grad_weight
         return None
 
@@ -147,7 +148,7 @@ PROVIDERS = {
     "paper": _step_of(_paper_loss),
     "paper_compiled": _step_of(torch.compile(_paper_loss)),
     "two_pass": _step_of(lambda *a: oreo_fast.oreo_loss_fused_linear(
-        *a, beta=BETA, kl_coef=KL_COEF)),
+        *a, beta=BETA, kl_coef=KL_COEF, grad_in_forward=False)),
     "gif": make_gif,
     "floor": make_floor,
 }

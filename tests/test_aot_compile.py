@@ -19,7 +19,7 @@ import pytest
 
 pytest.importorskip("triton")
 
-from oreo_fast.kernels import aot  # noqa: E402
+from oreo_fast.kernels import aot, aot_coverage  # noqa: E402
 
 TIMEOUT_S = 1800
 
@@ -47,7 +47,7 @@ def _describe(rows):
 def test_every_launched_kernel_is_covered_by_aot_specs(report):
     assert report["coverage_problems"] == []
     with_kernels = [name for name in aot.module_names()
-                    if aot.scan_source(aot.module_source(name))["jit"]]
+                    if aot_coverage.scan_source(aot_coverage.module_source(name))["jit"]]
     assert with_kernels, "no kernel module found"
     for name in with_kernels:
         assert report["specs_per_target"][name] > 0, name
@@ -108,7 +108,7 @@ def _Kernel(name):  # stands in for a JITFunction: the rule reads only the name
 def test_coverage_rule_flags_an_uncovered_launched_kernel_and_a_module_without_specs():
     specs = {"pkg.made_up": [{"kernel": _Kernel("_covered_kernel"), "label": "a"}],
              "pkg.no_specs": None}
-    problems = aot.coverage_problems(["pkg.made_up", "pkg.no_specs"],
+    problems = aot_coverage.coverage_problems(["pkg.made_up", "pkg.no_specs"],
                                      sources={"pkg.made_up": MADE_UP, "pkg.no_specs": MADE_UP},
                                      specs=specs)
     made_up = "\n".join(p for p in problems if p.startswith("pkg.made_up"))
@@ -118,7 +118,7 @@ def test_coverage_rule_flags_an_uncovered_launched_kernel_and_a_module_without_s
     assert any(p.startswith("pkg.no_specs defines @triton.jit kernels") for p in problems)
     all_covered = {"pkg.made_up": [{"kernel": _Kernel(n), "label": n}
                                    for n in ("_covered_kernel", "_new_kernel", "_unused_kernel")]}
-    assert aot.coverage_problems(["pkg.made_up"], sources={"pkg.made_up": MADE_UP},
+    assert aot_coverage.coverage_problems(["pkg.made_up"], sources={"pkg.made_up": MADE_UP},
                                  specs=all_covered) == []
 
 

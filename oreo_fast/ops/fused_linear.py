@@ -144,3 +144,18 @@ def fused_linear_token_logprobs_kl_unchecked(hidden, weight, ref_hidden, ref_wei
     return _HiddenLevel.apply(
         hidden, weight, ref_hidden, ref_weight, actions, mask, compute_kl, impl, chunk_rows, block_v
     )
+
+
+def two_pass_loss(hidden, weight, ref_hidden, ref_weight, actions, mask, values, rewards,
+                  state_mask, *, beta, kl_coef, kl_estimator, impl, num_sequences, chunk_rows):
+    """The OREO losses through the per-token op above (logits recomputed in its backward) and
+    the Bellman assembly of the reference, for validated inputs: the loss when the gradient
+    cannot be computed in the forward (a response longer than a chunk, impl "reference")."""
+    logp, ref_logp, kl = fused_linear_token_logprobs_kl_unchecked(
+        hidden, weight, ref_hidden, ref_weight, actions, mask,
+        compute_kl=kl_estimator == "full", impl=impl, chunk_rows=chunk_rows,
+    )
+    return reference.bellman_losses(
+        logp, ref_logp, kl, values, rewards, mask, state_mask, beta=beta, kl_coef=kl_coef,
+        kl_estimator=kl_estimator, num_sequences=num_sequences,
+    )

@@ -68,6 +68,36 @@ def rows_backward_torch(z, r, actions, lse, ref_lse, kl, grad_logp, grad_kl):
     return grad
 
 
+def rows_stats_torch(z, r, actions, full_kl: bool):
+    """Per row: (logp, ref_logp, kl, state) of [n, V] logits, and the [n, V] buffers the
+    gradient needs: full KL (p, log p - log q), k3 (p, None). -inf logits are allowed."""
+    dtype = reference.compute_dtype(z.dtype)
+    index = actions.unsqueeze(-1)
+    log_q = torch.log_softmax(r, dim=-1, dtype=dtype)
+    ref_logp = log_q.gather(-1, index).squeeze(-1)
+    log_p = torch.log_softmax(z, dim=-1, dtype=dtype)
+    logp = log_p.gather(-1, index).squeeze(-1)
+    if not full_kl:
+        return logp, ref_logp, torch.zeros_like(logp), (log_p.exp_(), None)
+    p = log_p.exp()
+    # p = 0 entries carry no KL mass (their log p - log q may be nan or -inf)
+    diff = log_p.sub_(log_q).nan_to_num_(nan=0.0, neginf=0.0)
+    del log_q
+    return logp, ref_logp, torch.linalg.vecdot(p, diff), (p, diff)
+
+
+def rows_grad_torch(buffers, actions, kl, c, w):
+    """dlogits = c (onehot - p) + w p (log p - log q - KL), written over the buffers."""
+    p, diff = buffers
+    if diff is None:
+        grad = p.mul_(-c.unsqueeze(-1))
+    else:
+        # w (log p - log q) - (w KL + c), then times p
+        grad = torch.addcmul(-(w * kl + c).unsqueeze(-1), diff, w.unsqueeze(-1), out=diff)
+        grad.mul_(p)
+    return grad.scatter_add_(-1, actions.unsqueeze(-1), c.unsqueeze(-1))
+
+
 def default_chunk_rows(vocab_size: int, element_size: int, device: torch.device) -> int:
     """Rows per chunk so that one chunk of logits is about 256 MiB on GPU, 32 MiB on CPU."""
     budget = (256 if device.type == "cuda" else 32) * 2**20

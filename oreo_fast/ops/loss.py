@@ -9,9 +9,10 @@ from __future__ import annotations
 import torch
 
 from oreo_fast.ops import reference
-from oreo_fast.ops.fused_linear import fused_linear_token_logprobs_kl_unchecked
+from oreo_fast.ops.fused_linear import two_pass_loss
+from oreo_fast.ops.grad_in_forward import oreo_loss_fused_linear_gif, oreo_loss_gif
 from oreo_fast.ops.logits import token_logprobs_kl_unchecked
-from oreo_fast.ops.reference import LEVELS, OreoLossOutput
+from oreo_fast.ops.reference import LEVELS, OreoLossOutput, compute_dtype
 from oreo_fast.ops.validation import (first_action_mask, validate_bellman_inputs,
                                       validate_fused_inputs, validate_logits_inputs)
 
@@ -46,13 +47,24 @@ def oreo_loss(
     kl_estimator: str = "full",
     impl: str = "auto",
     num_sequences: int | None = None,
+    grad_in_forward: bool = True,
+    inplace: bool = False,
 ) -> OreoLossOutput:
     """OREO value and policy losses from policy and reference logits [B, T, V].
 
     Returns an ``OreoLossOutput`` whose ``.loss`` (value + policy) is ready for backward.
     ``num_sequences`` overrides the batch-mean denominator (the global batch size when a
-    batch is split across micro-batches or ranks).
+    batch is split across micro-batches or ranks). By default the gradient is computed in the
+    forward (``ops.grad_in_forward``: one backward per forward, which only scales it); with
+    ``inplace`` it is written into ``logits`` itself, destroying them. ``grad_in_forward=False``
+    (or ``impl="reference"``) runs the per-token op and the Bellman assembly instead, whose
+    graph can be reused.
     """
+    if grad_in_forward and impl != "reference":
+        return oreo_loss_gif(logits, ref_logits, actions, values, rewards, action_mask,
+                             state_mask, beta=beta, kl_coef=kl_coef, level=level,
+                             kl_estimator=kl_estimator, num_sequences=num_sequences, impl=impl,
+                             inplace=inplace)
     actions, mask = validate_logits_inputs(logits, ref_logits, actions, action_mask)
     S = validate_bellman_inputs(values, rewards, mask, state_mask, level, beta, kl_coef,
                                 kl_estimator)
@@ -83,18 +95,28 @@ def oreo_loss_fused_linear(
     impl: str = "auto",
     num_sequences: int | None = None,
     chunk_rows: int | None = None,
+    grad_in_forward: bool = True,
 ) -> OreoLossOutput:
     """OREO losses from final-norm hidden states [B, T, H] and LM-head weights [V, H] of the
-    policy and the reference; logits exist one chunk of ``chunk_rows`` tokens at a time."""
+    policy and the reference; logits exist one chunk of ``chunk_rows`` tokens at a time
+    (default: a memory budget).
+
+    By default the gradient is computed in the forward, walking each sequence backwards
+    (``ops.grad_in_forward``: 4 [rows x V x H] matmuls per step, one backward per forward).
+    ``grad_in_forward=False`` (or ``impl="reference"``) runs the two-pass path: the per-token
+    op, whose backward recomputes the logits (6 matmuls), and the Bellman assembly.
+    """
+    if grad_in_forward and impl != "reference":
+        budget = None if chunk_rows is None else \
+            chunk_rows * weight.shape[0] * compute_dtype(hidden.dtype).itemsize
+        return oreo_loss_fused_linear_gif(
+            hidden, weight, ref_hidden, ref_weight, actions, values, rewards, action_mask,
+            state_mask, beta=beta, kl_coef=kl_coef, level=level, kl_estimator=kl_estimator,
+            num_sequences=num_sequences, chunk_budget_bytes=budget, impl=impl)
     actions, mask = validate_fused_inputs(hidden, weight, ref_hidden, ref_weight, actions,
                                           action_mask)
     S = validate_bellman_inputs(values, rewards, mask, state_mask, level, beta, kl_coef,
                                 kl_estimator)
-    logp, ref_logp, kl = fused_linear_token_logprobs_kl_unchecked(
-        hidden, weight, ref_hidden, ref_weight, actions, mask,
-        compute_kl=kl_estimator == "full", impl=impl, chunk_rows=chunk_rows,
-    )
-    return reference.bellman_losses(
-        logp, ref_logp, kl, values, rewards, mask, S, beta=beta, kl_coef=kl_coef,
-        kl_estimator=kl_estimator, num_sequences=num_sequences,
-    )
+    return two_pass_loss(hidden, weight, ref_hidden, ref_weight, actions, mask, values, rewards,
+                         S, beta=beta, kl_coef=kl_coef, kl_estimator=kl_estimator, impl=impl,
+                         num_sequences=num_sequences, chunk_rows=chunk_rows)

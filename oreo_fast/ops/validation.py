@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 from oreo_fast.ops.reference import KL_ESTIMATORS, LEVELS
@@ -95,11 +96,10 @@ def first_action_mask(action_mask: torch.Tensor) -> torch.Tensor:
     return torch.zeros_like(m).scatter(1, first, True) & m
 
 
-def validate_bellman_inputs(values, rewards, mask, state_mask, level, beta, kl_coef,
-                             kl_estimator):
-    """Checks of the Bellman inputs against the action mask ``mask`` [B, T] (bool); returns
-    the state mask as bool. One host sync for every content check."""
-    B, T = mask.shape
+def check_bellman_arguments(values, rewards, mask_shape: tuple, state_mask, level, beta,
+                            kl_coef, kl_estimator) -> None:
+    """The Bellman arguments' checks that need no device data."""
+    B, T = mask_shape
     if level not in LEVELS:
         raise ValueError(f"level must be one of {LEVELS}, got {level!r}")
     if kl_estimator not in KL_ESTIMATORS:
@@ -114,15 +114,28 @@ def validate_bellman_inputs(values, rewards, mask, state_mask, level, beta, kl_c
     if tuple(rewards.shape) != (B,):
         raise ValueError(f"rewards must have shape {(B,)}, got {tuple(rewards.shape)}")
     check_index("state_mask", state_mask, (B, T), integer=False)
-    m, S = mask, state_mask.bool()
-    # one host sync for every content check
-    problems = torch.stack([
+
+
+def masks_on_host(mask: torch.Tensor, state_mask: torch.Tensor, rewards: torch.Tensor):
+    """(action mask, state mask, rewards all finite) as numpy on the host: one transfer, the
+    one host sync of the Bellman checks (the fused losses build their plans from it too)."""
+    B, T = mask.shape
+    packed = torch.cat([mask.bool().flatten(), state_mask.bool().flatten(),
+                        torch.isfinite(rewards).all().reshape(1)]).cpu().numpy()
+    return packed[:B * T].reshape(B, T), packed[B * T:2 * B * T].reshape(B, T), bool(packed[-1])
+
+
+def check_bellman_masks(m: np.ndarray, S: np.ndarray, rewards_finite: bool, level: str) -> None:
+    """The content checks of the masks and rewards, on their host copies."""
+    first = np.zeros_like(m)
+    has_action = m.any(1)
+    first[np.nonzero(has_action)[0], m.argmax(1)[has_action]] = True
+    problems = (
         (S & ~m).any(),
-        (S != m).any() if level == "token" else torch.zeros((), dtype=torch.bool, device=S.device),
-        (S != first_action_mask(m)).any() if level == "response"
-        else torch.zeros((), dtype=torch.bool, device=S.device),
-        ~torch.isfinite(rewards).all(),
-    ]).tolist()
+        level == "token" and (S != m).any(),
+        level == "response" and (S != first).any(),
+        not rewards_finite,
+    )
     messages = (
         "state_mask has a state where action_mask is false (states are a subset of actions)",
         "state_mask must equal action_mask at level='token'",
@@ -132,4 +145,13 @@ def validate_bellman_inputs(values, rewards, mask, state_mask, level, beta, kl_c
     for bad, message in zip(problems, messages):
         if bad:
             raise ValueError(message)
-    return S
+
+
+def validate_bellman_inputs(values, rewards, mask, state_mask, level, beta, kl_coef,
+                            kl_estimator):
+    """Checks of the Bellman inputs against the action mask ``mask`` [B, T] (bool); returns
+    the state mask as bool. One host sync for every content check."""
+    check_bellman_arguments(values, rewards, tuple(mask.shape), state_mask, level, beta, kl_coef,
+                            kl_estimator)
+    check_bellman_masks(*masks_on_host(mask, state_mask, rewards), level)
+    return state_mask.bool()

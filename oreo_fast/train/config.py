@@ -57,6 +57,9 @@ class TrainConfig:
     device: str = "auto"  # "auto": CUDA device LOCAL_RANK when present, else cpu; "cpu"; "cuda"
     dtype: str = "auto"  # "auto": bf16 compute with fp32 master weights on CUDA, fp32 on CPU
     impl: str = "auto"  # loss implementation (see oreo_fast.ops)
+    # the fused loss computes its gradient in the forward (4 LM-head matmuls a step instead
+    # of 6; oreo_fast.ops.grad_in_forward); false: the two-pass path
+    grad_in_forward: bool = True
     gradient_checkpointing: bool = False
     # FSDP2: gradients reduce-scattered after every micro-batch and accumulated sharded (the
     # default), or held unsharded until the step's last micro-batch (true: fewer collectives,

@@ -15,27 +15,33 @@ import torch
 from torch import nn
 
 from oreo_fast.models import ValueModel
-from oreo_fast.ops import fused_linear_token_logprobs_kl_unchecked
+from oreo_fast.ops import fused_linear_token_logprobs_kl_unchecked, oreo_loss_fused_linear
 
 
 class PolicyWithLoss(nn.Module):
-    """The policy whose forward returns per-token (logp, ref_logp, kl) through the fused op."""
+    """The policy whose forward runs the fused op on its LM head: the OREO losses when handed
+    the Bellman inputs (``bellman``: values, rewards, state_mask and the loss settings), else
+    per-token (logp, ref_logp, kl)."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
 
     def forward(self, input_ids, attention_mask, position_ids, actions, action_mask,
-                ref_hidden=None, ref_weight=None, compute_kl=True, impl="auto"):
+                ref_hidden=None, ref_weight=None, compute_kl=True, impl="auto", bellman=None):
         hidden = self.model.get_decoder()(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
         ).last_hidden_state[:, :-1]
         weight = self.model.get_output_embeddings().weight
         if ref_hidden is None:  # rft: the reference side is the policy itself, no KL
             ref_hidden, ref_weight, compute_kl = hidden.detach(), weight.detach(), False
+        ref_hidden, ref_weight = ref_hidden.to(hidden.dtype), ref_weight.to(weight.dtype)
+        if bellman is not None:
+            return oreo_loss_fused_linear(hidden, weight, ref_hidden, ref_weight, actions,
+                                          action_mask=action_mask, impl=impl, **bellman)
         return fused_linear_token_logprobs_kl_unchecked(
-            hidden, weight, ref_hidden.to(hidden.dtype), ref_weight.to(weight.dtype),
-            actions, action_mask, compute_kl=compute_kl, impl=impl,
+            hidden, weight, ref_hidden, ref_weight, actions, action_mask,
+            compute_kl=compute_kl, impl=impl,
         )
 
 

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from oreo_fast.models import ValueModel, check_folders_same_vocabulary, load_model
-from oreo_fast.ops import bellman_losses, masked_sequence_mean
+from oreo_fast.ops import masked_sequence_mean
 from oreo_fast.train.parallelize import (HiddenStates, PolicyWithLoss, Values, mixed_precision,
                                          shard, shard_frozen_reference)
 
@@ -66,8 +66,9 @@ class RftStep:
 
 
 class OreoStep:
-    """The OREO losses: a reference forward without gradient, the policy's fused loss, the
-    value forward, one Bellman assembly for both models."""
+    """The OREO losses: a reference forward without gradient, the value forward, then the
+    policy forward whose fused loss (gradient computed in its forward by default) gives both
+    models' losses."""
 
     algorithm = "oreo"
     grad_norm_names = ("policy_grad_norm", "value_grad_norm")
@@ -95,15 +96,16 @@ class OreoStep:
         with torch.no_grad():
             ref_hidden = self.reference(**inputs)
         ref_weight = self.reference.model.get_output_embeddings().weight
-        logp, ref_logp, kl = self.policy(
-            **inputs, actions=batch["actions"], action_mask=batch["action_mask"],
-            ref_hidden=ref_hidden, ref_weight=ref_weight,
-            compute_kl=cfg.kl_estimator == "full", impl=cfg.impl)
+        # the value forward first: the policy's fused loss takes V(s_t) as an input (its value
+        # loss sends the gradient back to them; its policy loss uses them detached)
         values = self.value(**inputs)
-        out = bellman_losses(
-            logp, ref_logp, kl, values, batch["rewards"], batch["action_mask"],
-            batch["state_mask"], beta=cfg.beta, kl_coef=cfg.kl_coef,
-            kl_estimator=cfg.kl_estimator, num_sequences=num_sequences)
+        bellman = dict(values=values, rewards=batch["rewards"], state_mask=batch["state_mask"],
+                       beta=cfg.beta, kl_coef=cfg.kl_coef, level=cfg.level,
+                       kl_estimator=cfg.kl_estimator, num_sequences=num_sequences,
+                       grad_in_forward=cfg.grad_in_forward)
+        out = self.policy(**inputs, actions=batch["actions"], action_mask=batch["action_mask"],
+                          ref_hidden=ref_hidden, ref_weight=ref_weight, impl=cfg.impl,
+                          bellman=bellman)
         n_real = batch["action_mask"].any(1).sum().float()
         # diagnostics are means over this micro-batch: weight them by its sequences (the KL
         # mean runs over every row, the padding rows adding zeros)

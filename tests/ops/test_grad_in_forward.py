@@ -1,4 +1,4 @@
-"""The grad-in-forward OREO loss (oreo_fast.grad_in_forward) against oreo_fast.reference in
+"""The grad-in-forward OREO loss (oreo_fast.ops.grad_in_forward) against the reference in
 float64 (1e-10): every output and every gradient (hidden, weight, values; logits), every
 level, both KL estimators, num_sequences, separate grad_outputs on the value and the policy
 loss, odd vocabularies, several chunks, steps longer and shorter than a chunk, the response
@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-import oreo_fast
-from oreo_fast import grad_in_forward as gif
-from oreo_fast import reference, state_mask_for_level
+from oreo_fast import state_mask_for_level
+from oreo_fast.ops import chunk_plan, reference
+from oreo_fast.ops import grad_in_forward as gif
 
 F64 = torch.float64
 IMPLS = ["torch", "triton"]
@@ -89,7 +89,7 @@ def assert_match(got, want, tol=1e-10):
 
 
 def n_chunks(args, S, rows):
-    return len(gif.ChunkPlan(args["action_mask"].numpy(), S.numpy(), rows).chunks)
+    return len(chunk_plan.ChunkPlan(args["action_mask"].numpy(), S.numpy(), rows).chunks)
 
 
 KW = dict(beta=0.1, kl_coef=0.05, num_sequences=7)
@@ -215,8 +215,8 @@ def test_backward_reaches_parameters_through_autograd():
 
 def test_response_fallback_only_when_the_response_does_not_fit(monkeypatch):
     calls = []
-    original = oreo_fast.oreo_loss_fused_linear
-    monkeypatch.setattr(oreo_fast, "oreo_loss_fused_linear",
+    original = gif.two_pass_loss
+    monkeypatch.setattr(gif, "two_pass_loss",
                         lambda *a, **k: calls.append(1) or original(*a, **k))
     args, _ = batch()
     S = state_mask_for_level(args["action_mask"], "response")
@@ -283,16 +283,16 @@ def test_broken_walk_fails_the_comparison(monkeypatch, mutant):
         def fixed_size(cuts, rows):
             total = int(cuts[-1])
             return [(i, min(i + rows, total)) for i in range(0, total, rows)]
-        monkeypatch.setattr(gif, "pack_chunks", fixed_size)
+        monkeypatch.setattr(chunk_plan, "pack_chunks", fixed_size)
     with pytest.raises((AssertionError, IndexError)):  # wrong values, or a state not in its chunk
         assert_match(call(args, S, impl="torch", chunk_budget_bytes=3 * 37 * 8, **kw), want)
 
 
 def test_pack_chunks_ends_chunks_only_at_allowed_cuts():
     cuts = np.array([1, 2, 7, 8, 9, 15])
-    assert gif.pack_chunks(cuts, 3) == [(0, 2), (2, 7), (7, 9), (9, 15)]
-    assert gif.pack_chunks(cuts, 100) == [(0, 15)]
-    assert gif.pack_chunks(np.array([], dtype=np.int64), 3) == []
+    assert chunk_plan.pack_chunks(cuts, 3) == [(0, 2), (2, 7), (7, 9), (9, 15)]
+    assert chunk_plan.pack_chunks(cuts, 100) == [(0, 15)]
+    assert chunk_plan.pack_chunks(np.array([], dtype=np.int64), 3) == []
 
 
 @pytest.mark.parametrize("change,match", [

@@ -25,7 +25,7 @@ backward only scales the stored gradients by the two grad_outputs (value and pol
 Host syncs per call: 2 (the token-input validation of ``oreo_fast.ops``, then one transfer of
 the masks and the remaining checks, from which the chunk plan is built on the host); none in
 backward. Today's path makes 3. Level "response" whose longest response exceeds the chunk
-budget falls back to ``oreo_fast.oreo_loss_fused_linear`` (two passes, its own syncs).
+budget falls back to the two-pass path (``fused_linear.two_pass_loss``, its own syncs).
 
 Implementations (``impl``): "torch" (CPU), "triton" (kernels of
 ``oreo_fast.kernels.oreo_grad_in_forward``; on CPU only under TRITON_INTERPRET=1), "auto"
@@ -35,152 +35,17 @@ dtype.
 """
 from __future__ import annotations
 
-import numpy as np
 import torch
 
-import oreo_fast
-from oreo_fast import ops, reference
-from oreo_fast.reference import KL_ESTIMATORS, LEVELS, OreoLossOutput
+from oreo_fast.ops import reference
+from oreo_fast.ops.chunk_plan import budget_rows, prepare_walk
+from oreo_fast.ops.dispatch import resolve_impl
+from oreo_fast.ops.fused_linear import accumulate_weight_grad, two_pass_loss
+from oreo_fast.ops.logits import rows_grad_torch, rows_stats_torch
+from oreo_fast.ops.reference import OreoLossOutput
+from oreo_fast.ops.validation import validate_fused_inputs, validate_logits_inputs
 
-# bytes of one chunk's policy logits in the compute dtype (the working set is about four
-# times that: reference log-softmax, log p - log q, p). By default a chunk also has at least
-# DEFAULT_MIN_ROWS rows, so that the matmuls stay efficient when the vocabulary is large (a
-# Qwen2.5 head at 8 MiB would give 13-row matmuls that re-read the whole LM head 157 times
-# for 2048 tokens). 8 MiB (65 rows at V=32000): the best of 4, 8, 16 and 32 MiB in single
-# runs on the loaded 2-core CPU at N=4096, V=32000, H=256, 1 thread; the 64-row minimum is
-# not tuned (at the Qwen head, H=1536, larger chunks may pay: the weights are re-read per
-# chunk). On GPU 256 MiB as ops.default_chunk_rows.
-DEFAULT_BUDGET_BYTES = {"cpu": 8 * 2**20, "cuda": 256 * 2**20}
-DEFAULT_MIN_ROWS = 64
-IMPLS = ("auto", "torch", "triton")
-
-
-# ---------------------------------------------------------------- validation and the chunk plan
-
-
-def _check_bellman_shapes(values, rewards, mask, state_mask, level, beta, kl_coef, kl_estimator):
-    """The argument checks of ``loss.oreo_loss`` that need no device data (same messages)."""
-    B, T = mask.shape
-    if level not in LEVELS:
-        raise ValueError(f"level must be one of {LEVELS}, got {level!r}")
-    if kl_estimator not in KL_ESTIMATORS:
-        raise ValueError(f"kl_estimator must be one of {KL_ESTIMATORS}, got {kl_estimator!r}")
-    for name, x in (("beta", beta), ("kl_coef", kl_coef)):
-        if not isinstance(x, (int, float)) or not np.isfinite(x) or x < 0:
-            raise ValueError(f"{name} must be a finite number >= 0, got {x!r}")
-    ops._check_float("values", values, 2)
-    if tuple(values.shape) != (B, T):
-        raise ValueError(f"values must have shape {(B, T)}, got {tuple(values.shape)}")
-    ops._check_float("rewards", rewards, 1)
-    if tuple(rewards.shape) != (B,):
-        raise ValueError(f"rewards must have shape {(B,)}, got {tuple(rewards.shape)}")
-    ops._check_index("state_mask", state_mask, (B, T), integer=False)
-
-
-class ChunkPlan:
-    """Rows (masked-in tokens) in walk order, per sequence from the last action backwards, cut
-    into chunks that each hold whole steps. Built on the host from one transfer of the masks.
-
-    Per row: ``b``, ``t``; ``state_t`` the time of its state s(t) (-1: none); ``state_row``
-    the row of that state (-1: none); ``seg_first`` the first row of its sequence. ``chunks``
-    is a list of (start, stop) row ranges; ``longest_unit`` the most rows one chunk must hold.
-    """
-
-    def __init__(self, m: np.ndarray, S: np.ndarray, budget_rows: int):
-        B, T = m.shape
-        # walk order: sequence-major, time descending
-        b, t_rev = np.nonzero(m[:, ::-1])
-        t = T - 1 - t_rev
-        self.n = n = b.size
-        positions = np.where(S, np.arange(T), -1)
-        last_state = np.maximum.accumulate(positions, axis=1)  # s(t) per [b, t]
-        row_of = np.full((B, T), -1, dtype=np.int64)
-        row_of[b, t] = np.arange(n)
-        self.b, self.t = b.astype(np.int64), t.astype(np.int64)
-        self.state_t = last_state[b, t].astype(np.int64)
-        self.state_row = np.where(self.state_t >= 0, row_of[b, np.maximum(self.state_t, 0)], -1)
-        counts = m.sum(1)
-        starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
-        self.seg_first = starts[b].astype(np.int64)
-        # a chunk may end after row i iff i closes its unit: it is a state, or no state precedes
-        # it (its log-ratio reaches no residual the chunk could not finish)
-        can_cut = S[b, t] | (self.state_t < 0)
-        self.cuts = np.nonzero(can_cut)[0] + 1  # row counts after which a cut is allowed
-        units = np.diff(np.concatenate([[0], self.cuts]))
-        self.longest_unit = int(units.max()) if units.size else 0
-        self.chunks = pack_chunks(self.cuts, budget_rows)
-
-    def device_rows(self, device):
-        """(b, t, state_t, state_row, seg_first) as int64 tensors on ``device`` (one copy)."""
-        packed = torch.from_numpy(np.stack([self.b, self.t, self.state_t, self.state_row,
-                                            self.seg_first]).astype(np.int64))
-        if device.type == "cuda":
-            packed = packed.pin_memory()  # a pinned copy does not wait for the device
-        return packed.to(device, non_blocking=True).unbind(0)
-
-
-def pack_chunks(cuts: np.ndarray, budget_rows: int) -> list[tuple[int, int]]:
-    """Greedy: each chunk ends at the last allowed cut within ``budget_rows`` of its start, or
-    at the first allowed cut after it when one unit alone is larger (a chunk never splits a
-    step). Module-level so that tests can swap in a broken packer and see the tests fail."""
-    chunks, start = [], 0
-    total = int(cuts[-1]) if cuts.size else 0
-    while start < total:
-        i = np.searchsorted(cuts, start + budget_rows, side="right") - 1
-        if i < 0 or cuts[i] <= start:  # the next unit alone exceeds the budget
-            i = np.searchsorted(cuts, start, side="right")
-        stop = int(cuts[i])
-        chunks.append((start, stop))
-        start = stop
-    return chunks
-
-
-def _prepare(values, rewards, mask, state_mask, level, beta, kl_coef, kl_estimator,
-             budget_rows):
-    """Bellman argument checks and the chunk plan, from one device-to-host transfer."""
-    _check_bellman_shapes(values, rewards, mask, state_mask, level, beta, kl_coef, kl_estimator)
-    S_dev = state_mask.bool()
-    packed = torch.cat([mask.flatten(), S_dev.flatten(),
-                        torch.isfinite(rewards).all().reshape(1)]).cpu().numpy()  # the sync
-    B, T = mask.shape
-    m, S = packed[:B * T].reshape(B, T), packed[B * T:2 * B * T].reshape(B, T)
-    first = np.zeros_like(m)
-    has_action = m.any(1)
-    first[np.nonzero(has_action)[0], m.argmax(1)[has_action]] = True
-    problems = (
-        (S & ~m).any(),
-        level == "token" and (S != m).any(),
-        level == "response" and (S != first).any(),
-        not packed[-1],
-    )
-    messages = (
-        "state_mask has a state where action_mask is false (states are a subset of actions)",
-        "state_mask must equal action_mask at level='token'",
-        "state_mask must hold exactly the first action of each sequence at level='response'",
-        "rewards contain NaN or Inf",
-    )
-    for bad, message in zip(problems, messages):
-        if bad:
-            raise ValueError(message)
-    return S_dev, ChunkPlan(m, S, budget_rows)
-
-
-def budget_rows(chunk_budget_bytes, vocab_size: int, dtype: torch.dtype, device) -> int:
-    """Rows per chunk: the budget over the bytes of one row of logits in the compute dtype
-    (default: DEFAULT_BUDGET_BYTES, and at least DEFAULT_MIN_ROWS rows)."""
-    row = max(1, vocab_size) * (8 if dtype == torch.float64 else 4)
-    if chunk_budget_bytes is None:
-        budget = DEFAULT_BUDGET_BYTES["cuda" if device.type == "cuda" else "cpu"]
-        return max(DEFAULT_MIN_ROWS, budget // row)
-    if not isinstance(chunk_budget_bytes, int) or chunk_budget_bytes < 1:
-        raise ValueError(f"chunk_budget_bytes must be an int >= 1, got {chunk_budget_bytes!r}")
-    return max(1, chunk_budget_bytes // row)
-
-
-def _resolve_impl(impl, device):
-    if impl not in IMPLS:
-        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
-    return ops.resolve_impl(impl, device)
+IMPLS = ("auto", "torch", "triton")  # no materialised reference: that is the two-pass path
 
 
 # ---------------------------------------------------------------- dense terms ([B, T])
@@ -215,36 +80,6 @@ def _dense_terms(logp, ref_logp, kl, values, rewards, m, S, beta, kl_coef, kl_es
 
 
 # ---------------------------------------------------------------- one chunk of rows (torch)
-
-
-def rows_stats_torch(z, r, actions, full_kl: bool):
-    """Per row: (logp, ref_logp, kl, state) of [n, V] logits, and the [n, V] buffers the
-    gradient needs: full KL (p, log p - log q), k3 (p, None). -inf logits are allowed."""
-    dtype = reference.compute_dtype(z.dtype)
-    index = actions.unsqueeze(-1)
-    log_q = torch.log_softmax(r, dim=-1, dtype=dtype)
-    ref_logp = log_q.gather(-1, index).squeeze(-1)
-    log_p = torch.log_softmax(z, dim=-1, dtype=dtype)
-    logp = log_p.gather(-1, index).squeeze(-1)
-    if not full_kl:
-        return logp, ref_logp, torch.zeros_like(logp), (log_p.exp_(), None)
-    p = log_p.exp()
-    # p = 0 entries carry no KL mass (their log p - log q may be nan or -inf)
-    diff = log_p.sub_(log_q).nan_to_num_(nan=0.0, neginf=0.0)
-    del log_q
-    return logp, ref_logp, torch.linalg.vecdot(p, diff), (p, diff)
-
-
-def rows_grad_torch(buffers, actions, kl, c, w):
-    """dlogits = c (onehot - p) + w p (log p - log q - KL), written over the buffers."""
-    p, diff = buffers
-    if diff is None:
-        grad = p.mul_(-c.unsqueeze(-1))
-    else:
-        # w (log p - log q) - (w KL + c), then times p
-        grad = torch.addcmul(-(w * kl + c).unsqueeze(-1), diff, w.unsqueeze(-1), out=diff)
-        grad.mul_(p)
-    return grad.scatter_add_(-1, actions.unsqueeze(-1), c.unsqueeze(-1))
 
 
 def _chunk_coefficients(logp, ref_logp, rows, carry, values_cd, rewards_cd, inv_states,
@@ -381,7 +216,7 @@ class _HiddenGradInForward(torch.autograd.Function):
             grad_z = walk.step(start, stop, rows, z, r, actions[b, t])
             del z, r
             grad_hidden[b, t] = grad_z @ weight
-            ops.accumulate_weight_grad(grad_weight, grad_z, h)
+            accumulate_weight_grad(grad_weight, grad_z, h)
         ctx.grad_hidden, ctx.grad_weight = grad_hidden, grad_weight.to(weight.dtype)
         return _finish(ctx, walk, values, rewards, m, S, denominator,
                        values.dtype if ctx.needs_input_grad[2] else None)
@@ -483,22 +318,21 @@ def oreo_loss_fused_linear_gif(
     through autograd like any parameter's, so FSDP2 needs nothing special. At most
     ``chunk_budget_bytes`` of policy logits (compute dtype) exist per chunk, rounded up to
     the longest step at level "step"; at level "response" a response longer than that falls
-    back to the two-pass ``oreo_loss_fused_linear``. One backward per forward. ``block_v``
+    back to the two-pass path. One backward per forward. ``block_v``
     overrides the Triton kernels' vocabulary block (tests use it to cross block boundaries).
     """
-    actions, mask = ops.validate_fused_inputs(hidden, weight, ref_hidden, ref_weight, actions,
-                                              action_mask)
-    impl = _resolve_impl(impl, hidden.device)
+    actions, mask = validate_fused_inputs(hidden, weight, ref_hidden, ref_weight, actions,
+                                          action_mask)
+    impl = resolve_impl(impl, hidden.device, IMPLS)
     denominator = _denominator(num_sequences, hidden.shape[0])
     rows = budget_rows(chunk_budget_bytes, weight.shape[0], hidden.dtype, hidden.device)
-    S, plan = _prepare(values, rewards, mask, state_mask, level, beta, kl_coef, kl_estimator,
-                       rows)
+    S, plan = prepare_walk(values, rewards, mask, state_mask, level, beta, kl_coef,
+                           kl_estimator, rows)
     if level == "response" and plan.longest_unit > rows:
         # a response is one step: it cannot be split, and it does not fit one chunk
-        return oreo_fast.oreo_loss_fused_linear(
-            hidden, weight, ref_hidden, ref_weight, actions, values, rewards, action_mask,
-            state_mask, beta=beta, kl_coef=kl_coef, level=level, kl_estimator=kl_estimator,
-            impl=impl, num_sequences=num_sequences, chunk_rows=rows)
+        return two_pass_loss(hidden, weight, ref_hidden, ref_weight, actions, mask, values,
+                             rewards, S, beta=beta, kl_coef=kl_coef, kl_estimator=kl_estimator,
+                             impl=impl, num_sequences=num_sequences, chunk_rows=rows)
     return _output(*_HiddenGradInForward.apply(
         hidden, weight, values, ref_hidden, ref_weight, actions, rewards, mask, S, plan, beta,
         kl_coef, kl_estimator, denominator, impl, block_v))
@@ -533,16 +367,17 @@ def oreo_loss_gif(
     reads one chunk of rows at a time (at most ``chunk_budget_bytes`` of them, whole steps);
     triton reads and writes the rows where they lie. One backward per forward.
     """
-    actions, mask = ops.validate_logits_inputs(logits, ref_logits, actions, action_mask)
-    impl = _resolve_impl(impl, logits.device)
+    actions, mask = validate_logits_inputs(logits, ref_logits, actions, action_mask)
+    impl = resolve_impl(impl, logits.device, IMPLS)
     if impl == "triton":
         logits = logits if logits.stride(-1) == 1 else logits.contiguous()
         ref_logits = ref_logits if ref_logits.stride(-1) == 1 else ref_logits.contiguous()
     denominator = _denominator(num_sequences, logits.shape[0])
     rows = budget_rows(chunk_budget_bytes, logits.shape[-1], logits.dtype, logits.device)
     # triton needs no row buffers: one chunk of every row
-    S, plan = _prepare(values, rewards, mask, state_mask, level, beta, kl_coef, kl_estimator,
-                       logits.shape[0] * logits.shape[1] if impl == "triton" else rows)
+    S, plan = prepare_walk(values, rewards, mask, state_mask, level, beta, kl_coef,
+                           kl_estimator,
+                           logits.shape[0] * logits.shape[1] if impl == "triton" else rows)
     return _output(*_LogitsGradInForward.apply(
         logits, values, ref_logits, actions, rewards, mask, S, plan, beta, kl_coef,
         kl_estimator, denominator, impl, block_v, bool(inplace)))
