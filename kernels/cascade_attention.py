@@ -27,6 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
+from oreo_fast.kernels import compute_dtype as kernel_compute_dtype
+
 
 @triton.jit
 def _block_scores(q, k, scale):
@@ -215,7 +217,7 @@ def launch_config(rows: int, head_dim: int, dtype: torch.dtype, block_m: int | N
         block_m = min(64 if half or not on_gpu else 32, max(16, triton.next_power_of_2(rows)))
     if block_n is None:
         block_n = (64 if half else 16) if on_gpu else 32
-    compute_dtype = tl.float64 if dtype == torch.float64 else tl.float32
+    compute_dtype = tl.float64 if kernel_compute_dtype(dtype) == torch.float64 else tl.float32
     return compute_dtype, block_m, block_n, block_d, 4 if block_m * block_d <= 4096 else 8
 
 
@@ -242,7 +244,7 @@ def prefix_attention_forward(query, prefix_keys, prefix_values, prefix_mask, chi
     parents, kv_heads, length, _ = prefix_keys.shape
     _check_same_dtype(query, prefix_keys, prefix_values)
     group = heads // kv_heads
-    dtype = torch.float64 if query.dtype == torch.float64 else torch.float32
+    dtype = kernel_compute_dtype(query.dtype)
     out = torch.zeros(n, heads, tokens, head_dim, dtype=dtype, device=query.device)
     lse = torch.full((n, heads, tokens), float("-inf"), dtype=dtype, device=query.device)
     if n * tokens == 0 or parents == 0:
@@ -364,7 +366,7 @@ def aot_specs():
 
     specs = []
     for dtype in (torch.bfloat16, torch.float16, torch.float32, torch.float64):
-        compute = torch.float64 if dtype == torch.float64 else torch.float32
+        compute = kernel_compute_dtype(dtype)
         for head_dim in AOT_HEAD_DIMS:
             for tokens, group, children, mask_dtype in AOT_SHAPES:
                 prefix_args, suffix_args = _aot_layouts(children, tokens, group, head_dim)

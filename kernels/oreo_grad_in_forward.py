@@ -21,6 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
+from oreo_fast.kernels import compute_dtype
+
 
 @triton.jit
 def _oreo_row_stats_kernel(
@@ -103,7 +105,7 @@ def _oreo_row_grad_kernel(
 
 
 def _compute_dtype(dtype: torch.dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
+    return tl.float64 if compute_dtype(dtype) == torch.float64 else tl.float32
 
 
 def default_block_v(V: int) -> int:
@@ -129,7 +131,7 @@ def row_stats(z, r, actions, full_kl=True, block_v=None, z_rows=None, r_rows=Non
     assert z.stride(-1) == 1 and r.stride(-1) == 1, "vocabulary stride must be 1"
     z_rows, r_rows = _contiguous_rows(z, z_rows), _contiguous_rows(r, r_rows)
     n = z_rows.numel()
-    dtype = torch.float64 if z.dtype == torch.float64 else torch.float32
+    dtype = compute_dtype(z.dtype)
     outputs = [torch.empty(n, dtype=dtype, device=z.device) for _ in range(5)]
     if n == 0:
         return tuple(outputs)
@@ -180,7 +182,7 @@ def aot_specs() -> list[dict]:
     specs = []
     blocks = sorted({min(4096, triton.next_power_of_2(V)) for V in AOT_VOCABS + (37,)})
     for dtype, name in _TRITON_TYPES.items():
-        compute = "fp64" if dtype == torch.float64 else "fp32"
+        compute = "fp64" if compute_dtype(dtype) == torch.float64 else "fp32"
         for full_kl in (True, False):
             for block_v in blocks:
                 constexprs = {"FULL_KL": full_kl, "DTYPE": _compute_dtype(dtype),

@@ -19,6 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
+from oreo_fast.kernels import compute_dtype
+
 
 @triton.jit
 def _logprobs_kl_forward_kernel(
@@ -120,7 +122,7 @@ def _logprobs_kl_backward_kernel(
 
 
 def _compute_tl_dtype(dtype: torch.dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
+    return tl.float64 if compute_dtype(dtype) == torch.float64 else tl.float32
 
 
 def launch_config(V: int, block_v: int | None = None, on_gpu: bool | None = None):
@@ -148,7 +150,7 @@ def logprobs_kl_forward(logits, ref_logits, actions, mask, compute_kl=True, bloc
     """
     B, T, V = logits.shape
     assert logits.stride(-1) == 1 and ref_logits.stride(-1) == 1, "vocabulary stride must be 1"
-    dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    dtype = compute_dtype(logits.dtype)
     outputs = [torch.zeros(B, T, dtype=dtype, device=logits.device) for _ in range(5)]
     logp, ref_logp, lse, ref_lse, kl = outputs
     if B * T == 0:
@@ -207,7 +209,7 @@ def aot_specs():
 
     specs = []
     for dtype in (torch.bfloat16, torch.float16, torch.float32, torch.float64):
-        compute = torch.float64 if dtype == torch.float64 else torch.float32
+        compute = compute_dtype(dtype)
         for V in AOT_VOCABS:
             block_v, num_warps = launch_config(V, on_gpu=True)
             for T, big in ((2048, False), (16384, True)):  # a long context: T * V > 2**31

@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from oreo_fast.kernels import compute_dtype
 from oreo_fast.ops.validation import check_bellman_arguments, check_bellman_masks, masks_on_host
 
 # bytes of one chunk's policy logits in the compute dtype (the working set is about four
@@ -91,7 +92,7 @@ def prepare_walk(values, rewards, mask, state_mask, level, beta, kl_coef, kl_est
 def budget_rows(chunk_budget_bytes, vocab_size: int, dtype: torch.dtype, device) -> int:
     """Rows per chunk: the budget over the bytes of one row of logits in the compute dtype
     (default: DEFAULT_BUDGET_BYTES, and at least DEFAULT_MIN_ROWS rows)."""
-    row = max(1, vocab_size) * (8 if dtype == torch.float64 else 4)
+    row = max(1, vocab_size) * compute_dtype(dtype).itemsize
     if chunk_budget_bytes is None:
         budget = DEFAULT_BUDGET_BYTES["cuda" if device.type == "cuda" else "cpu"]
         return max(DEFAULT_MIN_ROWS, budget // row)

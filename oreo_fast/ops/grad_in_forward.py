@@ -205,7 +205,7 @@ class _HiddenGradInForward(torch.autograd.Function):
         ref_hidden, ref_weight = ref_hidden.detach(), ref_weight.detach()
         grad_hidden = torch.zeros_like(hidden)
         # the weight gradient accumulates in float32 (float64 stays float64) across chunks
-        acc_dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
+        acc_dtype = reference.compute_dtype(weight.dtype)
         grad_weight = torch.zeros(weight.shape, dtype=acc_dtype, device=weight.device)
         for start, stop in plan.chunks:
             rows = walk.chunk_rows(start, stop)

@@ -37,6 +37,9 @@ from typing import NamedTuple
 
 import torch
 
+# the one precision rule of every implementation: float64 in float64, all else in float32
+from oreo_fast.kernels import compute_dtype  # noqa: F401 (part of the specification)
+
 LEVELS = ("token", "step", "response")
 KL_ESTIMATORS = ("full", "k3")
 
@@ -51,11 +54,6 @@ class OreoLossOutput(NamedTuple):
     residual_abs: torch.Tensor  # mean |policy residual| over all states of the batch
     first_value: torch.Tensor  # mean over sequences of V at their first state
     first_advantage: torch.Tensor  # mean over sequences of A at their first state
-
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Half-precision inputs are computed in float32; float32 and float64 stay as they are."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def token_logprobs_and_kl(logits: torch.Tensor, ref_logits: torch.Tensor, actions: torch.Tensor):
