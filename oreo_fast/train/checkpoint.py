@@ -244,6 +244,11 @@ class Checkpointer:
             dcp.save(state, storage_writer=writer, **self._dcp_kwargs())
             self._finish(folder, manifest)
 
+    @property
+    def pending(self) -> bool:
+        """An async save is in flight (its files may still be being written)."""
+        return self._pending is not None
+
     def wait(self) -> None:
         """Block until an async save in flight is on disk, then commit it (its manifest)."""
         if self._pending is None:
