@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from oreo_fast.errors import USER_ERRORS
+from oreo_fast.errors import USER_ERRORS, ConfigError
 from oreo_fast.tokenizer import load_tokenizer
 from oreo_fast.train import guard
 from oreo_fast.train.checkpoint import Checkpointer, check_run_inputs
@@ -31,7 +31,7 @@ from oreo_fast.train.data import (collate_examples, plan_global_batches, rank_mi
                                   read_training_examples)
 from oreo_fast.train.distributed import exit_with_launcher, set_up
 from oreo_fast.train.metrics import MetricSinks, plot_curves, write_history
-from oreo_fast.train.parallelize import apply_liger, attention_backend
+from oreo_fast.train.parallelize import apply_liger, attention_backend, data_parallel_mesh
 from oreo_fast.train.schedule import cosine_with_warmup, warmup_steps_for
 from oreo_fast.train.step import PER_SEQUENCE_MEANS, build_step
 
@@ -60,7 +60,11 @@ class Trainer:
         for module in trained + self.algorithm.frozen:
             module.to(self.device)
         if self.runtime.use_fsdp:
-            self.algorithm.shard(self.runtime.compute_dtype)
+            if self.world_size % cfg.dp_replicate:
+                raise ConfigError(f"dp_replicate: {cfg.dp_replicate} does not divide the "
+                                  f"{self.world_size} processes")
+            mesh = data_parallel_mesh(self.device, self.world_size, cfg.dp_replicate)
+            self.algorithm.shard(self.runtime.compute_dtype, mesh=mesh)
         lrs = (cfg.policy_lr, cfg.value_lr)
         self.optimizers = []
         for module, lr in zip(trained, lrs):
