@@ -5,6 +5,8 @@ and one line on stderr instead of a traceback.
   and the field where known.
 - :class:`ModelDirError` / :class:`OutputError`: a model folder or the output location that
   cannot be used (both are :class:`DataError`, so they name the folder).
+- :class:`CheckpointError`: a checkpoint that cannot be resumed from (a :class:`DataError`
+  naming its manifest and the field).
 - :class:`ConfigError`: a bad configuration value; it names the key (and the file).
 - :class:`NonFiniteError`: training produced NaN/Inf values it could not skip past.
 """
@@ -36,6 +38,10 @@ class ModelDirError(DataError):
 
 class OutputError(DataError):
     """The output location cannot hold the run's results."""
+
+
+class CheckpointError(DataError):
+    """A trainer checkpoint that cannot be resumed from (names its file and field)."""
 
 
 class ConfigError(ValueError):

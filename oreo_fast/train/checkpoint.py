@@ -1,130 +1,117 @@
-"""Trainer checkpoints without pickle: model folders in Hugging Face format (safetensors),
-optimizer tensors in safetensors, everything else (step, schedulers, optimizer hyper-parameters,
-RNG states) in JSON. A checkpoint folder is written under a temporary name and renamed when
-complete, so a crash mid-save leaves the previous checkpoints loadable.
+"""Sharded trainer checkpoints with torch.distributed.checkpoint (DCP).
 
-``Checkpointer`` owns all of it for the trainer: when to save (``save_every``), which
-checkpoint to resume from, the final export of ``policy/`` and ``value/``, and the refusal to
-write NaN/Inf."""
+``output_dir/checkpoints/step-N`` holds one DCP folder: each rank writes its own shards of the
+policy, the value model, both AdamW states and its RNG states (``__<rank>_0.distcp``, tensor
+data only, read back with ``torch.load(weights_only=True)``), DCP's index ``.metadata``, and
+``manifest.json``, written last by rank 0 once every rank's files are on disk: the
+schedulers, the optimizers' hyper-parameters, the data position and metrics so far (Progress),
+the world size and every file's size. A folder without a manifest is an interrupted save:
+ignored (and reported) on resume, removed by the next save's pruning. DCP reshards on load, so
+a run saved with N processes resumes with M.
+
+Nothing is gathered to one rank and no model is reloaded from disk to save; the gathered
+Hugging Face folders are ``export.py``'s job. Only the tensors go through DCP; everything
+else is JSON, so DCP pickles nothing but its own index (``.metadata``)."""
 from __future__ import annotations
 
 import json
+import logging
 import random
 import re
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from oreo_fast.errors import NonFiniteError
-from oreo_fast.io import atomic_dir
-from oreo_fast.models import ValueModel, check_model_dir, load_policy, save_model
+from oreo_fast.errors import CheckpointError, NonFiniteError
+from oreo_fast.io import fsync_dir, write_json
+from oreo_fast.models import check_model_dir
 from oreo_fast.preflight import check_output_dir, safetensors_numel
 from oreo_fast.tokenizer import check_tokenizer_dir
 from oreo_fast.train.guard import local_all_finite
 
-STATE_DIR = "trainer_state"
+MANIFEST = "manifest.json"
+FORMAT = "oreo_fast.dcp/1"
+MODEL_NAMES = ("policy", "value")
 _CHECKPOINT = re.compile(r"^step-(\d+)$")
-_LEFTOVER = re.compile(r"^\.step-\d+\.")  # a save or a removal cut short by a crash
+_LEFTOVER = re.compile(r"^\.step-\d+\.")  # a removal cut short by a crash
+log = logging.getLogger("oreo_fast")
 
 
-def flatten_optimizer_state(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
-    """Split a full (FQN-keyed) optimizer state dict into tensors and JSON-able metadata."""
-    tensors, scalars = {}, {}
-    for fqn, values in state["state"].items():
-        for name, value in values.items():
-            if isinstance(value, torch.Tensor):
-                tensors[f"{fqn}::{name}"] = value.detach().cpu().contiguous()
-            else:
-                scalars[f"{fqn}::{name}"] = value
-    groups = [{k: list(v) if isinstance(v, tuple) else v for k, v in g.items()}
-              for g in state["param_groups"]]
-    return tensors, {"param_groups": groups, "scalars": scalars}
+# ------------------------------------------------------------------ finding and pruning
 
 
-def unflatten_optimizer_state(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
-    state: dict[str, dict] = {}
-    for key, value in list(tensors.items()) + list(meta["scalars"].items()):
-        fqn, name = key.rsplit("::", 1)
-        state.setdefault(fqn, {})[name] = value
-    groups = [{k: tuple(v) if k == "betas" else v for k, v in g.items()}
-              for g in meta["param_groups"]]
-    return {"state": state, "param_groups": groups}
-
-
-def list_checkpoints(root: Path) -> list[tuple[int, Path]]:
-    """Complete checkpoints under root (a folder step-N holding trainer_state/state.json),
-    oldest first."""
-    found = []
+def scan_checkpoints(root: Path) -> tuple[list[tuple[int, Path]], list[Path]]:
+    """(complete checkpoints oldest first, step folders without a manifest)."""
+    complete, incomplete = [], []
     if root.is_dir():
         for path in root.iterdir():
             match = _CHECKPOINT.match(path.name)
-            if match and (path / STATE_DIR / "state.json").is_file():
-                found.append((int(match.group(1)), path))
-    return sorted(found)
+            if match:
+                if (path / MANIFEST).is_file():
+                    complete.append((int(match.group(1)), path))
+                else:
+                    incomplete.append(path)
+    return sorted(complete), sorted(incomplete)
 
 
-def prune_checkpoints(root: Path, keep: int) -> None:
-    """Keep the newest ``keep`` checkpoints. An old one is first renamed to a hidden name, so
-    a crash while deleting it never leaves a half-deleted step-N that looks complete; hidden
-    leftovers of earlier crashes are removed too (only rank 0 writes, never concurrently)."""
-    for step, path in list_checkpoints(root)[:-keep]:
-        hidden = path.with_name(f".step-{step}.deleting")
+def list_checkpoints(root: Path) -> list[tuple[int, Path]]:
+    return scan_checkpoints(root)[0]
+
+
+def prune_checkpoints(root: Path, keep: int, current: Path | None = None) -> None:
+    """Keep the newest ``keep`` complete checkpoints; remove folders without a manifest
+    (interrupted saves) except ``current``. The newest complete one is never removed. An old
+    one is first renamed to a hidden name, so a crash while deleting it never leaves a
+    half-deleted step-N; hidden leftovers of earlier crashes are removed too."""
+    complete, incomplete = scan_checkpoints(root)
+    doomed = [path for _, path in complete[:-max(keep, 1)]]
+    doomed += [p for p in incomplete if current is None or p.resolve() != current.resolve()]
+    for path in doomed:
+        hidden = path.with_name(f".{path.name}.deleting")
         path.rename(hidden)
         shutil.rmtree(hidden, ignore_errors=True)
     for path in root.iterdir() if root.is_dir() else []:
         if _LEFTOVER.match(path.name):
             shutil.rmtree(path, ignore_errors=True)
+    fsync_dir(root)
 
 
-def write_state(folder: Path, meta: dict, tensors: dict[str, torch.Tensor]) -> None:
-    from safetensors.torch import save_file
-
-    folder.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(folder / "tensors.safetensors"))
-    (folder / "state.json").write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
-
-
-def read_state(folder: Path) -> tuple[dict, dict[str, torch.Tensor]]:
-    from safetensors.torch import load_file
-
-    meta = json.loads((folder / "state.json").read_text(encoding="utf-8"))
-    return meta, load_file(str(folder / "tensors.safetensors"))
+# ------------------------------------------------------------------ RNG states as tensors
 
 
 def rng_tensors() -> dict[str, torch.Tensor]:
-    """Torch (CPU and CUDA) and NumPy RNG states as tensors. The ranks' generators are seeded
-    alike and advance alike, so rank 0's stand for all."""
+    """This process's torch (CPU, CUDA), NumPy and Python RNG states as tensors."""
     import numpy as np
 
     _, keys, pos, has_gauss, gauss = np.random.get_state()
-    out = {"rng::torch": torch.get_rng_state(),
-           "rng::numpy": torch.from_numpy(keys.astype(np.int64)),
-           "rng::numpy_rest": torch.tensor([pos, has_gauss, gauss], dtype=torch.float64)}
+    version, state, py_gauss = random.getstate()
+    out = {"torch": torch.get_rng_state(),
+           "numpy": torch.from_numpy(keys.astype(np.int64)),
+           "numpy_rest": torch.tensor([pos, has_gauss, gauss], dtype=torch.float64),
+           "python": torch.tensor(state, dtype=torch.int64),
+           "python_rest": torch.tensor([version, py_gauss is not None,
+                                        py_gauss or 0.0], dtype=torch.float64)}
     if torch.cuda.is_available():
-        out["rng::cuda"] = torch.cuda.get_rng_state()
+        out["cuda"] = torch.cuda.get_rng_state()
     return out
 
 
-def python_rng_state() -> list:
-    version, state, gauss = random.getstate()
-    return [version, list(state), gauss]
-
-
-def restore_rng(tensors: dict[str, torch.Tensor], meta: dict) -> None:
+def restore_rng(tensors: dict[str, torch.Tensor]) -> None:
     import numpy as np
 
-    torch.set_rng_state(tensors["rng::torch"])
-    if "rng::cuda" in tensors and torch.cuda.is_available():
-        torch.cuda.set_rng_state(tensors["rng::cuda"])
-    pos, has_gauss, gauss = tensors["rng::numpy_rest"].tolist()
-    np.random.set_state(("MT19937", tensors["rng::numpy"].numpy().astype(np.uint32), int(pos),
+    torch.set_rng_state(tensors["torch"])
+    if "cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors["cuda"])
+    pos, has_gauss, gauss = tensors["numpy_rest"].tolist()
+    np.random.set_state(("MT19937", tensors["numpy"].numpy().astype(np.uint32), int(pos),
                          int(has_gauss), gauss))
-    version, state, gauss = meta["python_random"]
-    random.setstate((version, tuple(state), gauss))
+    version, has_py_gauss, py_gauss = tensors["python_rest"].tolist()
+    random.setstate((int(version), tuple(tensors["python"].tolist()),
+                     py_gauss if has_py_gauss else None))
 
 
 # ------------------------------------------------------------------ the trainer's checkpointer
@@ -141,14 +128,14 @@ def check_run_inputs(cfg, output_dir: Path) -> None:
         check_model_dir(cfg.value or cfg.policy, "value")
     models = safetensors_numel(cfg.policy) * (2 if cfg.algorithm == "oreo" else 1)
     # fp32 weights; a checkpoint adds Adam's two moments, keep + 1 exist while one is saved
-    copies = 1 + (3 * (cfg.keep_checkpoints + 1) if cfg.save_every else 0)
+    copies = 2 + (3 * (cfg.keep_checkpoints + 1) if cfg.save_every else 0)
     check_output_dir(output_dir, need_bytes=4 * models * copies)
 
 
 @dataclass
 class Progress:
-    """What the loop has done: optimizer steps, skipped (non-finite) steps in all and in a
-    row, and every step's metrics. Saved with each checkpoint."""
+    """What the loop has done: optimizer steps (= global batches consumed, the data
+    position), skipped (non-finite) steps in all and in a row, and every step's metrics."""
 
     step: int = 0
     skipped_steps: int = 0
@@ -156,46 +143,62 @@ class Progress:
     history: list[dict] = field(default_factory=list)
 
 
-class Checkpointer:
-    """Saves, resumes and exports one run under ``output_dir`` (``checkpoints/step-N``,
-    then ``policy/`` and ``value/``). Every rank calls every method: gathers are collective;
-    only rank 0 writes."""
+def _json_groups(groups: list[dict]) -> list[dict]:
+    return [{k: list(v) if isinstance(v, tuple) else v for k, v in g.items()} for g in groups]
 
-    def __init__(self, cfg, output_dir: Path, runtime, tokenizer):
-        self.cfg, self.root, self.runtime, self.tokenizer = cfg, output_dir, runtime, tokenizer
-        found = list_checkpoints(output_dir / "checkpoints") if cfg.resume else []
-        self.resume_from: Path | None = found[-1][1] if found else None
+
+def _scheduler_state(scheduler) -> dict:
+    return {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}
+
+
+class Checkpointer:
+    """Saves and resumes one run's sharded checkpoints under ``output_dir/checkpoints``.
+    Every rank calls every method (DCP's planning is collective); rank 0 writes the manifest
+    and prunes. With ``async_save`` the shards are staged to host memory and written by a
+    background thread over a gloo group of their own while training goes on; the previous
+    save is waited for before the next one and at the end."""
+
+    def __init__(self, cfg, output_dir: Path, runtime):
+        self.cfg, self.root, self.runtime = cfg, output_dir / "checkpoints", runtime
+        self.resume_from: Path | None = None
+        self._pending = None  # (future, step folder, manifest) of an async save
+        self._group = None
+        if cfg.resume:
+            complete, incomplete = scan_checkpoints(self.root)
+            for path in incomplete:
+                if runtime.is_main:
+                    log.warning("%s: no %s (a save cut short); ignored", path, MANIFEST)
+            if complete:
+                self.resume_from = complete[-1][1]
+        if getattr(cfg, "async_save", False) and runtime.distributed:
+            # the background writer's collectives must not share the training's group
+            self._group = dist.new_group(backend="gloo")
 
     def model_inits(self) -> tuple[Path | str, Path | str]:
-        """(policy, value) folders to load: the resumed checkpoint's, else the config's."""
-        cfg = self.cfg
-        if self.resume_from is not None:
-            return self.resume_from / "policy", self.resume_from / "value"
-        return cfg.policy, cfg.value or cfg.policy
+        """(policy, value) folders to load: always the config's; a resumed checkpoint's
+        shards are loaded into them afterwards (``restore``)."""
+        return self.cfg.policy, self.cfg.value or self.cfg.policy
 
     def due(self, step: int) -> bool:
         return bool(self.cfg.save_every) and step % self.cfg.save_every == 0
 
-    # ------------------------------------------------------------------ gathering
+    # ------------------------------------------------------------------ state
 
-    def _full_state(self, module: nn.Module) -> dict:
-        if not self.runtime.use_fsdp:
-            return {k: v.detach().cpu() for k, v in module.state_dict().items()}
-        from torch.distributed.checkpoint.state_dict import (StateDictOptions,
-                                                             get_model_state_dict)
+    def _state(self, modules, optimizers, rng_rank: int) -> tuple[dict, list[list[dict]]]:
+        """The DCP state dict (this rank's shards, no copies: views of the live tensors) and
+        the optimizers' param groups (JSON, kept out of DCP so that it pickles nothing)."""
+        from torch.distributed.checkpoint.state_dict import get_state_dict
 
-        return get_model_state_dict(module, options=StateDictOptions(full_state_dict=True,
-                                                                     cpu_offload=True))
+        state, groups = {}, []
+        for name, module, optimizer in zip(MODEL_NAMES, modules, optimizers):
+            model_state, optim_state = get_state_dict(module, optimizer)
+            state[name] = model_state
+            state[f"{name}_optimizer"] = optim_state["state"]
+            groups.append(_json_groups(optim_state["param_groups"]))
+        state["rng"] = {f"rank{rng_rank}": rng_tensors()}
+        return state, groups
 
-    def _full_optimizer_state(self, module, optimizer) -> dict:
-        from torch.distributed.checkpoint.state_dict import (StateDictOptions,
-                                                             get_optimizer_state_dict)
-
-        fsdp = self.runtime.use_fsdp
-        options = StateDictOptions(full_state_dict=fsdp, cpu_offload=fsdp)
-        return get_optimizer_state_dict(module, optimizer, options=options)
-
-    def _check_finite(self, modules, optimizers, step: int, what: str) -> None:
+    def check_finite(self, modules, optimizers, step: int, what: str) -> None:
         """Refuse to write NaN/Inf: parameters and optimizer states, every rank's shards (one
         all-reduce and one host sync per save)."""
         tensors = [p for m in modules for p in m.parameters()]
@@ -208,78 +211,137 @@ class Checkpointer:
             raise NonFiniteError(f"step {step}: the parameters or optimizer states hold "
                                  f"NaN/Inf values; {what} not written")
 
-    def _write_models(self, out_dir: Path, policy_state: dict, value_state: dict | None):
-        cfg = self.cfg
-        policy = load_policy(cfg.policy, dtype=torch.float32,
-                             trust_remote_code=cfg.trust_remote_code)
-        policy.load_state_dict({k.removeprefix("model."): v for k, v in policy_state.items()})
-        save_model(policy, self.tokenizer, out_dir / "policy")
-        if value_state is not None:
-            value = ValueModel.from_pretrained(cfg.value or cfg.policy, dtype=torch.float32,
-                                               trust_remote_code=cfg.trust_remote_code)
-            value.load_state_dict({k.removeprefix("value_model."): v
-                                   for k, v in value_state.items()})
-            value.save_pretrained(out_dir / "value", tokenizer=self.tokenizer)
-
-    def _barrier(self) -> None:
-        if self.runtime.use_fsdp:
-            dist.barrier()
+    def _dcp_kwargs(self) -> dict:
+        if dist.is_initialized():
+            return {"process_group": self._group}
+        return {"no_dist": True}
 
     # ------------------------------------------------------------------ saving
 
-    def export(self, modules: list[nn.Module], optimizers, step: int,
-               out_dir: Path | None = None) -> None:
-        """Policy (and value) as Hugging Face folders (safetensors) in ``out_dir`` (default:
-        ``output_dir``), each written atomically."""
-        out_dir = self.root if out_dir is None else Path(out_dir)
-        self._check_finite(modules, optimizers, step, f"the models in {out_dir}")
-        states = [self._full_state(m) for m in modules]
-        if self.runtime.is_main:
-            self._write_models(out_dir, states[0], states[1] if len(states) > 1 else None)
-        self._barrier()
-
     def save(self, modules: list[nn.Module], optimizers, schedulers, progress: Progress) -> None:
-        """``checkpoints/step-N``: models, optimizer and scheduler states, RNG states and the
-        progress; atomic, the newest ``keep_checkpoints`` kept."""
-        self._check_finite(modules, optimizers, progress.step, f"checkpoint step-{progress.step}")
-        states = [self._full_state(m) for m in modules]
-        optimizer_states = [self._full_optimizer_state(m, o) for m, o in zip(modules, optimizers)]
+        """``checkpoints/step-N``: every rank's shards, then the manifest; the newest
+        ``keep_checkpoints`` kept."""
+        import torch.distributed.checkpoint as dcp
+
+        self.wait()
+        self.check_finite(modules, optimizers, progress.step, f"checkpoint step-{progress.step}")
+        folder = self.root / f"step-{progress.step}"
         if self.runtime.is_main:
-            root = self.root / "checkpoints"
-            tensors, optimizer_meta = rng_tensors(), []
-            for i, state in enumerate(optimizer_states):
-                t, meta = flatten_optimizer_state(state)
-                tensors.update({f"optimizer{i}::{k}": v for k, v in t.items()})
-                optimizer_meta.append(meta)
-            scheduler_states = [{k: v for k, v in s.state_dict().items() if k != "lr_lambdas"}
-                                for s in schedulers]
-            meta = {"step": progress.step, "optimizers": optimizer_meta,
-                    "schedulers": scheduler_states, "history": progress.history,
-                    "world_size": self.runtime.world_size,
-                    "skipped_steps": progress.skipped_steps, "bad_in_row": progress.bad_in_row,
-                    "python_random": python_rng_state()}
-            with atomic_dir(root / f"step-{progress.step}") as tmp:
-                self._write_models(tmp, states[0], states[1] if len(states) > 1 else None)
-                write_state(tmp / STATE_DIR, meta, tensors)
-            prune_checkpoints(root, self.cfg.keep_checkpoints)
+            if folder.exists():  # a save of this step cut short (or superseded): start over
+                shutil.rmtree(folder)
+            folder.mkdir(parents=True)
         self._barrier()
+        state, groups = self._state(modules, optimizers, self.runtime.rank)
+        manifest = {"format": FORMAT, "step": progress.step,
+                    "world_size": self.runtime.world_size, "optimizer_param_groups": groups,
+                    "schedulers": [_scheduler_state(s) for s in schedulers],
+                    "progress": asdict(progress)}
+        writer = dcp.FileSystemWriter(str(folder), sync_files=True)
+        if getattr(self.cfg, "async_save", False):
+            future = dcp.async_save(state, storage_writer=writer, **self._dcp_kwargs())
+            self._pending = (future, folder, manifest)
+        else:
+            dcp.save(state, storage_writer=writer, **self._dcp_kwargs())
+            self._finish(folder, manifest)
+
+    @property
+    def pending(self) -> bool:
+        """An async save is in flight (its files may still be being written)."""
+        return self._pending is not None
+
+    def wait(self) -> None:
+        """Block until an async save in flight is on disk, then commit it (its manifest)."""
+        if self._pending is None:
+            return
+        future, folder, manifest = self._pending
+        self._pending = None
+        future = getattr(future, "upload_completion", future)
+        future.result()
+        self._finish(folder, manifest)
+
+    def _finish(self, folder: Path, manifest: dict) -> None:
+        """Rank 0, once DCP has returned (every rank's files and the index are written and
+        fsynced): the manifest listing the files, then pruning."""
+        if self.runtime.is_main:
+            manifest["files"] = {p.name: p.stat().st_size for p in sorted(folder.iterdir())
+                                 if p.name != MANIFEST}
+            write_json(folder / MANIFEST, manifest)
+            prune_checkpoints(self.root, self.cfg.keep_checkpoints, current=folder)
+
+    def _barrier(self) -> None:
+        if self.runtime.distributed:
+            dist.barrier()
+
+    # ------------------------------------------------------------------ resuming
+
+    def read_manifest(self, folder: Path) -> dict:
+        path = folder / MANIFEST
+        try:
+            manifest = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise CheckpointError(f"cannot read the manifest ({e})", path) from None
+        if not isinstance(manifest, dict):
+            raise CheckpointError("the manifest is not a JSON object", path)
+        for key in ("format", "step", "world_size", "optimizer_param_groups", "schedulers",
+                    "progress", "files"):
+            if key not in manifest:
+                raise CheckpointError("missing", path, field=key)
+        if manifest["format"] != FORMAT:
+            raise CheckpointError(f"{manifest['format']!r}, expected {FORMAT!r}", path,
+                                  field="format")
+        for name, size in manifest["files"].items():
+            file = folder / name
+            actual = file.stat().st_size if file.is_file() else None
+            if actual != size:
+                found = "missing" if actual is None else f"{actual} bytes"
+                raise CheckpointError(f"{name} is {found}, expected {size} bytes", path,
+                                      field="files")
+        return manifest
 
     def restore(self, modules: list[nn.Module], optimizers, schedulers) -> Progress:
-        """Optimizer, scheduler and RNG states of the resumed checkpoint (the models were
-        loaded from its folders); a fresh ``Progress`` when there is none."""
+        """Load the resumed checkpoint's shards into the (already sharded) models and
+        optimizers, resharding when its world size differs; schedulers, RNG and progress.
+        A fresh ``Progress`` when there is none."""
         if self.resume_from is None:
             return Progress()
-        from torch.distributed.checkpoint.state_dict import (StateDictOptions,
-                                                             set_optimizer_state_dict)
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import set_state_dict
 
-        meta, tensors = read_state(self.resume_from / STATE_DIR)
-        for i, (module, optimizer) in enumerate(zip(modules, optimizers)):
-            prefix = f"optimizer{i}::"
-            mine = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-            state = unflatten_optimizer_state(mine, meta["optimizers"][i])
-            set_optimizer_state_dict(module, optimizer, state,
-                                     options=StateDictOptions(full_state_dict=self.runtime.use_fsdp))
-        for scheduler, state in zip(schedulers, meta["schedulers"]):
-            scheduler.load_state_dict({**scheduler.state_dict(), **state})
-        restore_rng(tensors, meta)
-        return Progress(meta["step"], meta["skipped_steps"], meta["bad_in_row"], meta["history"])
+        manifest = self.read_manifest(self.resume_from)
+        rank = self.runtime.rank
+        # RNG: this rank's own state when it existed, else rank 0's (ranks are seeded alike)
+        state, _ = self._state(modules, optimizers,
+                               rank if rank < manifest["world_size"] else 0)
+        dcp.load(state, storage_reader=dcp.FileSystemReader(str(self.resume_from)),
+                 **self._dcp_kwargs())
+        for i, (name, module, optimizer) in enumerate(zip(MODEL_NAMES, modules, optimizers)):
+            groups = [{k: tuple(v) if k == "betas" else v for k, v in g.items()}
+                      for g in manifest["optimizer_param_groups"][i]]
+            set_state_dict(module, optimizer, model_state_dict=state[name],
+                           optim_state_dict={"state": state[f"{name}_optimizer"],
+                                             "param_groups": groups})
+        for scheduler, saved in zip(schedulers, manifest["schedulers"]):
+            scheduler.load_state_dict({**scheduler.state_dict(), **saved})
+        restore_rng(next(iter(state["rng"].values())))
+        return Progress(**manifest["progress"])
+
+    def close(self) -> None:
+        self.wait()
+        if self._group is not None:
+            dist.destroy_process_group(self._group)
+            self._group = None
+
+
+
+def read_checkpoint_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint, whole, by its flattened name (``policy.model...``,
+    ``policy_optimizer...``, ``rng.rank0.torch``): for inspection and tests, in one process."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    reader = dcp.FileSystemReader(str(folder))
+    state = {name: torch.empty(meta.size, dtype=meta.properties.dtype)
+             for name, meta in reader.read_metadata().state_dict_metadata.items()
+             if isinstance(meta, TensorStorageMetadata)}
+    dcp.load(state, storage_reader=reader, no_dist=True)
+    return state

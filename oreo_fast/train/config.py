@@ -69,6 +69,10 @@ class TrainConfig:
     attn_implementation: str = "auto"  # "auto": flash_attention_2 when installed, else sdpa
     save_every: int = 0  # optimizer steps between checkpoints (output_dir/checkpoints); 0 = none
     keep_checkpoints: int = 2  # the newest N checkpoints are kept
+    dp_replicate: int = 1  # HSDP: replica groups (e.g. nodes), each sharding over its ranks
+    async_save: bool = False  # write checkpoint shards in the background while training goes on
+    export_every: int = 0  # optimizer steps between policy/ and value/ exports (0: at the end only)
+    export_dtype: str = "auto"  # dtype of the exported folders; "auto": the compute dtype
     resume: bool = False  # continue from the newest complete checkpoint in output_dir
     max_bad_steps: int = 5  # stop after this many consecutive steps with NaN/Inf loss or grads
     collective_timeout_s: float = 600.0  # a dead or stuck rank fails the others after this
@@ -106,6 +110,12 @@ class TrainConfig:
             bad("max_steps", "must be >= 0")
         if self.save_every < 0:
             bad("save_every", "must be >= 0")
+        if self.dp_replicate < 1:
+            bad("dp_replicate", "must be >= 1")
+        if self.export_every < 0:
+            bad("export_every", "must be >= 0")
+        if self.export_dtype not in ("auto", "float32", "bfloat16"):
+            bad("export_dtype", "must be auto, float32 or bfloat16")
         if self.max_bad_steps < 1:
             bad("max_bad_steps", "must be >= 1")
         if not math.isfinite(self.collective_timeout_s) or self.collective_timeout_s <= 0:

@@ -91,22 +91,38 @@ def mixed_precision(compute_dtype: torch.dtype, trained: bool):
     return MixedPrecisionPolicy(param_dtype=compute_dtype)
 
 
-def shard(module: nn.Module, model: nn.Module, mp_policy, ignored=None):
-    """FSDP2: each decoder block, then the root (``ignored`` parameters stay replicated)."""
+def shard(module: nn.Module, model: nn.Module, mp_policy, ignored=None, mesh=None):
+    """FSDP2: each decoder block, then the root (``ignored`` parameters stay replicated).
+    ``mesh``: None for all ranks in one shard group, or a 2-D ``(dp_replicate, dp_shard)``
+    mesh for HSDP (``data_parallel_mesh``)."""
     from torch.distributed.fsdp import fully_shard
 
     for block in decoder_blocks(model):
-        fully_shard(block, mp_policy=mp_policy)
-    fully_shard(module, mp_policy=mp_policy, ignored_params=ignored, reshard_after_forward=True)
+        fully_shard(block, mp_policy=mp_policy, mesh=mesh)
+    fully_shard(module, mp_policy=mp_policy, ignored_params=ignored, reshard_after_forward=True,
+                mesh=mesh)
 
 
-def shard_frozen_reference(root: HiddenStates, compute_dtype: torch.dtype) -> None:
+def data_parallel_mesh(device: torch.device, world_size: int, replicate: int):
+    """HSDP's mesh: ``replicate`` groups (e.g. one per node) each sharding the models over
+    ``world_size / replicate`` ranks; None when ``replicate`` is 1 (plain FSDP over all)."""
+    if replicate == 1:
+        return None
+    from torch.distributed.device_mesh import init_device_mesh
+
+    if world_size % replicate:
+        raise ValueError(f"dp_replicate={replicate} does not divide the {world_size} ranks")
+    return init_device_mesh(device.type, (replicate, world_size // replicate),
+                            mesh_dim_names=("dp_replicate", "dp_shard"))
+
+
+def shard_frozen_reference(root: HiddenStates, compute_dtype: torch.dtype, mesh=None) -> None:
     """The frozen reference: blocks and (untied) input embedding sharded; the LM head
     replicated, because the policy's fused loss reads it whole, outside the reference's
     own forward (a tied embedding is that same tensor, so it stays replicated too)."""
     model = root.model
     frozen = {model.get_output_embeddings().weight}
-    shard(root, model, mixed_precision(compute_dtype, trained=False), ignored=frozen)
+    shard(root, model, mixed_precision(compute_dtype, trained=False), ignored=frozen, mesh=mesh)
 
 
 def attention_backend(requested: str, device: torch.device) -> str:

@@ -54,8 +54,9 @@ class RftStep:
             raise ValueError(f"{source}: no reward-1 trajectory for rft")
         return kept
 
-    def shard(self, compute_dtype: torch.dtype) -> None:
-        shard(self.policy, self.policy.model, mixed_precision(compute_dtype, trained=True))
+    def shard(self, compute_dtype: torch.dtype, mesh=None) -> None:
+        shard(self.policy, self.policy.model, mixed_precision(compute_dtype, trained=True),
+              mesh=mesh)
 
     def __call__(self, batch: dict, num_sequences: int):
         logp, _, _ = self.policy(**_model_inputs(batch), actions=batch["actions"],
@@ -84,11 +85,11 @@ class OreoStep:
     def select(self, examples: list, source) -> list:
         return examples
 
-    def shard(self, compute_dtype: torch.dtype) -> None:
+    def shard(self, compute_dtype: torch.dtype, mesh=None) -> None:
         trained = mixed_precision(compute_dtype, trained=True)
-        shard(self.policy, self.policy.model, trained)
-        shard(self.value, self.value.value_model.backbone, trained)
-        shard_frozen_reference(self.reference, compute_dtype)
+        shard(self.policy, self.policy.model, trained, mesh=mesh)
+        shard(self.value, self.value.value_model.backbone, trained, mesh=mesh)
+        shard_frozen_reference(self.reference, compute_dtype, mesh=mesh)
 
     def __call__(self, batch: dict, num_sequences: int):
         cfg = self.cfg

@@ -21,16 +21,17 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from oreo_fast.errors import USER_ERRORS
+from oreo_fast.errors import USER_ERRORS, ConfigError
 from oreo_fast.tokenizer import load_tokenizer
 from oreo_fast.train import guard
 from oreo_fast.train.checkpoint import Checkpointer, check_run_inputs
+from oreo_fast.train.export import export_models
 from oreo_fast.train.config import TrainConfig, load_train_config, save_config
 from oreo_fast.train.data import (collate_examples, plan_global_batches, rank_micro_batches,
                                   read_training_examples)
 from oreo_fast.train.distributed import exit_with_launcher, quiet_transformers_unless_main, set_up
 from oreo_fast.train.metrics import MetricSinks, plot_curves, write_history
-from oreo_fast.train.parallelize import apply_liger, attention_backend
+from oreo_fast.train.parallelize import apply_liger, attention_backend, data_parallel_mesh
 from oreo_fast.train.schedule import cosine_with_warmup, warmup_steps_for
 from oreo_fast.train.step import PER_SEQUENCE_MEANS, build_step
 
@@ -50,7 +51,7 @@ class Trainer:
         self.tokenizer = load_tokenizer(cfg.policy, trust_remote_code=cfg.trust_remote_code)
         if cfg.liger:
             apply_liger(cfg.policy, self.device)
-        self.checkpointer = Checkpointer(cfg, self.output_dir, self.runtime, self.tokenizer)
+        self.checkpointer = Checkpointer(cfg, self.output_dir, self.runtime)
         load_kwargs = dict(device=self.device, dtype=torch.float32,
                            trust_remote_code=cfg.trust_remote_code,
                            attn_implementation=attention_backend(cfg.attn_implementation,
@@ -59,7 +60,11 @@ class Trainer:
                                     self.runtime.compute_dtype)
         trained = self.algorithm.trained  # already on self.device (models.load_model)
         if self.runtime.use_fsdp:
-            self.algorithm.shard(self.runtime.compute_dtype)
+            if self.world_size % cfg.dp_replicate:
+                raise ConfigError(f"dp_replicate: {cfg.dp_replicate} does not divide the "
+                                  f"{self.world_size} processes")
+            mesh = data_parallel_mesh(self.device, self.world_size, cfg.dp_replicate)
+            self.algorithm.shard(self.runtime.compute_dtype, mesh=mesh)
         lrs = (cfg.policy_lr, cfg.value_lr)
         self.optimizers = []
         for module, lr in zip(trained, lrs):
@@ -184,13 +189,17 @@ class Trainer:
                                    cfg.max_bad_steps, warn=main)
                 if self.checkpointer.due(progress.step):
                     self.save_checkpoint()
+                if cfg.export_every and progress.step % cfg.export_every == 0:
+                    self.export()
                 guard.inject(progress.step, self.rank)
         if bar is not None:
             bar.close()
+        self.checkpointer.close()  # an async save still in flight is committed first
         sinks.close()
         if main:
             write_history(progress.history, self.output_dir / "metrics.jsonl")
-        self.export()
+        if not (cfg.export_every and progress.step % cfg.export_every == 0):
+            self.export()  # else the loop has just exported this step
         if main:
             plot_curves(progress.history, self.output_dir / "curves.png")
         history = progress.history
@@ -200,9 +209,16 @@ class Trainer:
                 "world_size": self.world_size, "final": history[-1] if history else {}}
 
     def export(self, out_dir: Path | None = None) -> None:
-        """``policy/`` and ``value/`` (Hugging Face folders) in ``out_dir`` or ``output_dir``."""
-        self.checkpointer.export(self.algorithm.trained, self.optimizers, self.progress.step,
-                                 out_dir)
+        """``policy/`` and ``value/`` (Hugging Face folders, committed as a pair) in
+        ``out_dir`` or ``output_dir``, in ``export_dtype``; NaN/Inf is never written."""
+        out_dir = self.output_dir if out_dir is None else Path(out_dir)
+        trained, step = self.algorithm.trained, self.progress.step
+        self.checkpointer.check_finite(trained, self.optimizers, step, f"the models in {out_dir}")
+        dtype = {"auto": self.runtime.compute_dtype, "float32": torch.float32,
+                 "bfloat16": torch.bfloat16}[self.config.export_dtype]
+        export_models(trained, self.tokenizer, out_dir, step, dtype, self.runtime.is_main)
+        if self.runtime.distributed:
+            dist.barrier()
 
     def save_checkpoint(self) -> None:
         self.checkpointer.save(self.algorithm.trained, self.optimizers, self.schedulers,

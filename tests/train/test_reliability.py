@@ -21,11 +21,11 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from oreo_fast.train import checkpoint, guard
+from oreo_fast.train import checkpoint, export, guard
 from oreo_fast.errors import ConfigError
 from oreo_fast.train.config import TrainConfig, load_train_config
 from oreo_fast.train.data import read_training_examples
-from oreo_fast.errors import ModelDirError, NonFiniteError, OutputError
+from oreo_fast.errors import CheckpointError, ModelDirError, NonFiniteError, OutputError
 from oreo_fast.errors import DataError
 from oreo_fast.io import atomic_dir, read_jsonl, write_jsonl
 from oreo_fast.models import TinyModelConfig, ValueModel, build_tiny_model, load_policy, save_model
@@ -280,45 +280,111 @@ def test_unwritable_or_full_output_is_reported_before_training(tiny, tmp_path, m
 
 
 def test_failed_final_save_leaves_no_partial_model(tiny, tmp_path, monkeypatch):  # noqa: F811
+    """The value folder fails (ENOSPC) after the policy folder was written: neither appears,
+    because the pair is committed together."""
     root, _, _ = tiny
 
-    def fail(model, tokenizer, out_dir, extra_files=None):
-        with atomic_dir(out_dir) as tmp:
-            model.save_pretrained(str(tmp), safe_serialization=True)
-            raise OSError(errno.ENOSPC, "No space left on device")
+    def fail(root_module, tokenizer, out, dtype):
+        if out is not None:
+            (out / "model.safetensors").write_bytes(b"half")
+        raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(checkpoint, "save_model", fail)
+    monkeypatch.setattr(export, "write_value", fail)
     out = tmp_path / "run"
     with pytest.raises(OSError, match="No space left"):
         Trainer(_config(root, output_dir=str(out), max_steps=1)).fit()
-    assert not (out / "policy").exists()
-    assert [p.name for p in out.iterdir() if p.name.startswith(".")] == []
+    assert not (out / "policy").exists() and not (out / "value").exists()
+    assert list((out / "exports").iterdir()) == []  # the temporary folder is gone
+
+
+def test_a_failed_export_keeps_the_previous_pair(tiny, tmp_path, monkeypatch):  # noqa: F811
+    """export_every=1: the export of step 3 fails half-way; policy/ and value/ both still
+    show step 2 (one pair, never a mix), and they load."""
+    root, _, _ = tiny
+    real = export.write_value
+    out = tmp_path / "run"
+    trainer = Trainer(_config(root, output_dir=str(out), epochs=2, export_every=1))
+    snapshots = {}
+
+    def fail_at_3(root_module, tokenizer, folder, dtype):
+        if trainer.progress.step == 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(root_module, tokenizer, folder, dtype)
+
+    monkeypatch.setattr(export, "write_value", fail_at_3)
+    monkeypatch.setattr(guard, "inject", lambda step, rank: snapshots.update(
+        {step: {k: v.detach().clone() for k, v in trainer.algorithm.value.state_dict().items()}}))
+    with pytest.raises(OSError, match="No space left"):
+        trainer.fit()
+    assert os.readlink(out / "current") == "exports/step-2"
+    assert sorted(p.name for p in (out / "exports").iterdir()) == ["step-2"]
+    value = ValueModel.from_pretrained(out / "value").state_dict()
+    for k, v in value.items():
+        assert torch.equal(v, snapshots[2]["value_model." + k]), k
+    policy = load_policy(out / "policy").state_dict()
+    assert (out / "policy").resolve().parent == (out / "value").resolve().parent
+    assert set(policy) and json.loads((out / "value" / "config.json").read_text())[
+        "oreo_value_model"]["head"] == "value_head.safetensors"
 
 
 # ------------------------------------------------------------------ checkpoints, non-finite values
 
 
-def test_crash_mid_checkpoint_keeps_the_previous_one_loadable(tiny, tmp_path, monkeypatch):  # noqa: F811
+def test_crash_mid_checkpoint_keeps_the_previous_one_loadable(tiny, tmp_path, monkeypatch,
+                                                              caplog):  # noqa: F811
+    """A crash after the shards of step-2 were written but before its manifest: resume
+    ignores step-2 (and says so), continues from step-1, and the next save removes it."""
     root, _, _ = tiny
-    real = checkpoint.write_state
+    real = checkpoint.write_json
     out = tmp_path / "run"
 
-    def crash_at_step_2(folder, meta, tensors):
-        if meta["step"] == 2:
-            (folder / "half").mkdir(parents=True)
-            raise KeyboardInterrupt("killed mid-save")  # after the models were written
-        real(folder, meta, tensors)
+    def crash_at_step_2(path, obj):
+        if obj.get("step") == 2:
+            raise KeyboardInterrupt("killed mid-save")  # the shards are on disk, no manifest
+        real(path, obj)
 
-    monkeypatch.setattr(checkpoint, "write_state", crash_at_step_2)
+    monkeypatch.setattr(checkpoint, "write_json", crash_at_step_2)
     with pytest.raises(KeyboardInterrupt):
         Trainer(_config(root, epochs=2, output_dir=str(out), save_every=1)).fit()
-    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-1"]
-    monkeypatch.setattr(checkpoint, "write_state", real)
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-1", "step-2"]
+    assert (out / "checkpoints" / "step-2" / "__0_0.distcp").is_file()
+    monkeypatch.setattr(checkpoint, "write_json", real)
     resumed = Trainer(_config(root, epochs=2, output_dir=str(out), resume=True, save_every=1,
                               keep_checkpoints=1))
+    assert re.search(r"step-2: no manifest\.json \(a save cut short\); ignored", caplog.text)
     assert resumed.progress.step == 1 and resumed.checkpointer.resume_from.name == "step-1"
     assert resumed.fit()["steps"] == 4
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-4"]
+
+
+def test_a_damaged_checkpoint_is_refused_naming_file_and_field(tiny, tmp_path):  # noqa: F811
+    root, _, _ = tiny
+    out = tmp_path / "run"
+    Trainer(_config(root, output_dir=str(out), save_every=1, max_steps=1)).fit()
+    shard = out / "checkpoints" / "step-1" / "__0_0.distcp"
+    shard.write_bytes(shard.read_bytes()[:100])  # truncated after the manifest was written
+    with pytest.raises(CheckpointError, match=r"step-1/manifest\.json: field 'files': "
+                                              r"__0_0\.distcp is 100 bytes, expected \d+"):
+        Trainer(_config(root, output_dir=str(out), resume=True))
+    manifest = out / "checkpoints" / "step-1" / "manifest.json"
+    manifest.write_text(json.dumps({k: v for k, v in json.loads(manifest.read_text()).items()
+                                    if k != "progress"}))
+    with pytest.raises(CheckpointError, match=r"manifest\.json: field 'progress': missing"):
+        Trainer(_config(root, output_dir=str(out), resume=True))
+
+
+def test_pruning_never_deletes_the_only_complete_checkpoint(tmp_path):
+    root = tmp_path / "checkpoints"
+    for step, complete in ((1, True), (2, False), (3, False)):
+        (root / f"step-{step}").mkdir(parents=True)
+        if complete:
+            (root / f"step-{step}" / "manifest.json").write_text("{}")
+    (root / ".step-0.deleting").mkdir()  # a leftover of an earlier crash
+    checkpoint.prune_checkpoints(root, keep=1, current=root / "step-3")  # step-3 in flight
+    assert sorted(p.name for p in root.iterdir()) == ["step-1", "step-3"]
+    (root / "step-3" / "manifest.json").write_text("{}")
+    checkpoint.prune_checkpoints(root, keep=1)
+    assert sorted(p.name for p in root.iterdir()) == ["step-3"]
 
 
 def _nan_loss_at(trainer, bad_steps):
@@ -358,9 +424,11 @@ def test_a_nan_step_is_skipped_and_counted(tiny, tmp_path, monkeypatch):  # noqa
     for k in snapshots[1]:  # the skipped step changed nothing ...
         assert torch.equal(snapshots[1][k], snapshots[2][k]), k
     assert any(not torch.equal(snapshots[2][k], snapshots[3][k]) for k in snapshots[2])  # ... the next did
-    state = checkpoint.read_state(tmp_path / "run" / "checkpoints" / "step-2" / "trainer_state")
-    assert state[0]["skipped_steps"] == 1
-    assert all(torch.isfinite(t).all() for t in state[1].values() if t.is_floating_point())
+    folder = tmp_path / "run" / "checkpoints" / "step-2"
+    assert json.loads((folder / "manifest.json").read_text())["progress"]["skipped_steps"] == 1
+    tensors = checkpoint.read_checkpoint_tensors(folder)
+    assert any(k.startswith("value_optimizer.") for k in tensors)
+    assert all(torch.isfinite(t).all() for t in tensors.values() if t.is_floating_point())
 
 
 def test_consecutive_nan_steps_stop_training_clearly(tiny, tmp_path, monkeypatch):  # noqa: F811
