@@ -22,6 +22,7 @@ import triton
 import triton.language as tl
 
 from oreo_fast.kernels import compute_dtype
+from oreo_fast.kernels.token_logprobs_kl import row_lse_kl
 
 
 @triton.jit
@@ -34,41 +35,14 @@ def _oreo_row_stats_kernel(
     row = tl.program_id(0).to(tl.int64)
     z_row = z_ptr + tl.load(z_rows_ptr + row)
     r_row = r_ptr + tl.load(r_rows_ptr + row)
-    top_z = tl.full([], float("-inf"), DTYPE)
-    top_r = tl.full([], float("-inf"), DTYPE)
-    mass_z = tl.full([], 0.0, DTYPE)  # sum exp(z - top_z)
-    mass_r = tl.full([], 0.0, DTYPE)
-    tilt = tl.full([], 0.0, DTYPE)  # sum exp(z - top_z) (z - r)
-    for start in range(0, V, BLOCK_V):
-        cols = start + tl.arange(0, BLOCK_V)
-        inside = cols < V
-        z = tl.load(z_row + cols, mask=inside, other=float("-inf")).to(DTYPE)
-        r = tl.load(r_row + cols, mask=inside, other=float("-inf")).to(DTYPE)
-        new_top_z = tl.maximum(top_z, tl.max(z, axis=0))
-        # all -inf so far: shift by 0, not -inf (inf - inf is nan)
-        base_z = tl.where(new_top_z == float("-inf"), 0.0, new_top_z)
-        decay = tl.exp(top_z - base_z)
-        e_z = tl.exp(z - base_z)
-        mass_z = mass_z * decay + tl.sum(e_z, axis=0)
-        if FULL_KL:
-            # p = 0 entries add nothing, even where z - r is inf or nan
-            tilt = tilt * decay + tl.sum(tl.where(e_z > 0, e_z * (z - r), 0.0), axis=0)
-        top_z = new_top_z
-        new_top_r = tl.maximum(top_r, tl.max(r, axis=0))
-        base_r = tl.where(new_top_r == float("-inf"), 0.0, new_top_r)
-        mass_r = mass_r * tl.exp(top_r - base_r) + tl.sum(tl.exp(r - base_r), axis=0)
-        top_r = new_top_r
-    lse = top_z + tl.log(mass_z)
-    ref_lse = top_r + tl.log(mass_r)
+    # the per-token op's row pass: online log-sum-exps of both rows and the KL
+    lse, ref_lse, kl = row_lse_kl(z_row, r_row, V, V, FULL_KL, DTYPE, BLOCK_V)
     action = tl.load(actions_ptr + row)
     tl.store(logp_ptr + row, tl.load(z_row + action).to(DTYPE) - lse)
     tl.store(ref_logp_ptr + row, tl.load(r_row + action).to(DTYPE) - ref_lse)
     tl.store(lse_ptr + row, lse)
     tl.store(ref_lse_ptr + row, ref_lse)
-    if FULL_KL:
-        tl.store(kl_ptr + row, tilt / mass_z - lse + ref_lse)
-    else:
-        tl.store(kl_ptr + row, tl.zeros([], DTYPE))
+    tl.store(kl_ptr + row, kl)
 
 
 @triton.jit

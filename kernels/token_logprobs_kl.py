@@ -23,22 +23,11 @@ from oreo_fast.kernels import compute_dtype
 
 
 @triton.jit
-def _logprobs_kl_forward_kernel(
-    logits_ptr, ref_ptr, actions_ptr, mask_ptr,
-    logp_ptr, ref_logp_ptr, lse_ptr, ref_lse_ptr, kl_ptr,
-    T, V,
-    stride_lb, stride_lt, stride_rb, stride_rt,
-    COMPUTE_KL: tl.constexpr, DTYPE: tl.constexpr, BLOCK_V: tl.constexpr,
-):
-    row = tl.program_id(0).to(tl.int64)
-    b = row // T
-    t = row % T
-    active = tl.load(mask_ptr + row) != 0
-    logits_row = logits_ptr + b * stride_lb + t * stride_lt
-    ref_row = ref_ptr + b * stride_rb + t * stride_rt
-    # A masked row does no work: its loop is empty and it stores zeros.
-    n_cols = tl.where(active, V, 0)
-
+def row_lse_kl(z_row, r_row, n_cols, V, COMPUTE_KL: tl.constexpr, DTYPE: tl.constexpr,
+               BLOCK_V: tl.constexpr):
+    """One pass over the first ``n_cols`` of a row's V policy logits ``z_row`` and reference
+    logits ``r_row`` with online log-sum-exps: (lse, ref_lse, KL(p || q)), the KL 0 unless
+    COMPUTE_KL (KL = sum p (z - r) - lse + ref_lse). Also the grad-in-forward loss's row pass."""
     max_z = tl.full([], float("-inf"), DTYPE)
     sum_z = tl.full([], 0.0, DTYPE)
     max_r = tl.full([], float("-inf"), DTYPE)
@@ -47,8 +36,8 @@ def _logprobs_kl_forward_kernel(
     for start in range(0, n_cols, BLOCK_V):
         cols = start + tl.arange(0, BLOCK_V)
         in_row = cols < V
-        z = tl.load(logits_row + cols, mask=in_row, other=float("-inf")).to(DTYPE)
-        r = tl.load(ref_row + cols, mask=in_row, other=float("-inf")).to(DTYPE)
+        z = tl.load(z_row + cols, mask=in_row, other=float("-inf")).to(DTYPE)
+        r = tl.load(r_row + cols, mask=in_row, other=float("-inf")).to(DTYPE)
 
         new_max_z = tl.maximum(max_z, tl.max(z, axis=0))
         # while every logit seen is -inf, shift by 0 instead of -inf to avoid inf - inf
@@ -69,6 +58,30 @@ def _logprobs_kl_forward_kernel(
 
     lse = max_z + tl.log(sum_z)
     ref_lse = max_r + tl.log(sum_r)
+    kl = tl.zeros([], DTYPE)
+    if COMPUTE_KL:
+        kl = weighted_diff / sum_z - lse + ref_lse
+    return lse, ref_lse, kl
+
+
+@triton.jit
+def _logprobs_kl_forward_kernel(
+    logits_ptr, ref_ptr, actions_ptr, mask_ptr,
+    logp_ptr, ref_logp_ptr, lse_ptr, ref_lse_ptr, kl_ptr,
+    T, V,
+    stride_lb, stride_lt, stride_rb, stride_rt,
+    COMPUTE_KL: tl.constexpr, DTYPE: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    b = row // T
+    t = row % T
+    active = tl.load(mask_ptr + row) != 0
+    logits_row = logits_ptr + b * stride_lb + t * stride_lt
+    ref_row = ref_ptr + b * stride_rb + t * stride_rt
+    # A masked row does no work: its loop is empty and it stores zeros.
+    n_cols = tl.where(active, V, 0)
+
+    lse, ref_lse, kl = row_lse_kl(logits_row, ref_row, n_cols, V, COMPUTE_KL, DTYPE, BLOCK_V)
     action = tl.load(actions_ptr + row)
     action = tl.where(active, action, 0)
     z_a = tl.load(logits_row + action).to(DTYPE)
@@ -78,7 +91,6 @@ def _logprobs_kl_forward_kernel(
     tl.store(lse_ptr + row, tl.where(active, lse, 0.0))
     tl.store(ref_lse_ptr + row, tl.where(active, ref_lse, 0.0))
     if COMPUTE_KL:
-        kl = weighted_diff / sum_z - lse + ref_lse
         tl.store(kl_ptr + row, tl.where(active, kl, 0.0))
 
 
