@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from oreo_fast.errors import ConfigError
 from oreo_fast.models import ValueModel
 from oreo_fast.ops import fused_linear_token_logprobs_kl_unchecked, oreo_loss_fused_linear
 
@@ -111,7 +112,8 @@ def data_parallel_mesh(device: torch.device, world_size: int, replicate: int):
     from torch.distributed.device_mesh import init_device_mesh
 
     if world_size % replicate:
-        raise ValueError(f"dp_replicate={replicate} does not divide the {world_size} ranks")
+        raise ConfigError(f"dp_replicate: {replicate} does not divide the {world_size} "
+                          "processes")
     return init_device_mesh(device.type, (replicate, world_size // replicate),
                             mesh_dim_names=("dp_replicate", "dp_shard"))
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from oreo_fast.errors import USER_ERRORS, ConfigError
+from oreo_fast.errors import USER_ERRORS
 from oreo_fast.tokenizer import load_tokenizer
 from oreo_fast.train import guard
 from oreo_fast.train.checkpoint import Checkpointer, check_run_inputs
@@ -60,9 +60,6 @@ class Trainer:
                                     self.runtime.compute_dtype)
         trained = self.algorithm.trained  # already on self.device (models.load_model)
         if self.runtime.use_fsdp:
-            if self.world_size % cfg.dp_replicate:
-                raise ConfigError(f"dp_replicate: {cfg.dp_replicate} does not divide the "
-                                  f"{self.world_size} processes")
             mesh = data_parallel_mesh(self.device, self.world_size, cfg.dp_replicate)
             self.algorithm.shard(self.runtime.compute_dtype, mesh=mesh)
         lrs = (cfg.policy_lr, cfg.value_lr)

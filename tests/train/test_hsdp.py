@@ -46,3 +46,12 @@ def test_hsdp_2x2_equals_1x4_and_4x1(tiny, tmp_path):  # noqa: F811
         for a, b in zip(runs[2][1:], runs[other][1:]):
             for k in a:
                 torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
+
+
+def test_a_replicate_count_that_does_not_divide_the_processes_is_a_config_error():
+    from oreo_fast.errors import ConfigError
+    from oreo_fast.train.parallelize import data_parallel_mesh
+
+    with pytest.raises(ConfigError, match="dp_replicate: 2 does not divide the 3 processes"):
+        data_parallel_mesh(torch.device("cpu"), 3, 2)
+    assert data_parallel_mesh(torch.device("cpu"), 3, 1) is None
