@@ -67,12 +67,7 @@ def _dense_terms(logp, ref_logp, kl, values, rewards, m, S, beta, kl_coef, kl_es
     sequence_kl = reference.masked_sequence_mean(per_token_kl, m)
     policy_loss = squared + kl_coef * sequence_kl.sum() / denominator
 
-    has_state = S.any(1)
-    first = S.to(torch.int8).argmax(1, keepdim=True)
-    n_with_state = has_state.sum().clamp(min=1).to(dtype)
-    first_value = torch.where(has_state, V.gather(1, first).squeeze(1), zero).sum() / n_with_state
-    first_adv = torch.where(has_state, A.gather(1, first).squeeze(1), zero).sum() / n_with_state
-    residual_abs = torch.where(S, residual.abs(), zero).sum() / S.sum().clamp(min=1)
+    first_value, first_adv, residual_abs = reference.state_diagnostics(V, A, residual, S)
 
     grad_values = torch.where(S, 2 * residual / (n_states * denominator), zero)
     diagnostics = (sequence_kl.mean(), residual_abs, first_value, first_adv)

@@ -100,6 +100,20 @@ def masked_sequence_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return total / count.clamp(min=1).to(x.dtype)
 
 
+def state_diagnostics(V: torch.Tensor, A: torch.Tensor, residual: torch.Tensor,
+                      S: torch.Tensor):
+    """(mean V at each sequence's first state, mean A there, mean |residual| over all
+    states); sequences without a state are left out."""
+    zero = torch.zeros((), dtype=V.dtype, device=V.device)
+    has_state = S.any(1)
+    first = S.to(torch.int8).argmax(1, keepdim=True)  # index of the first state
+    n_with_state = has_state.sum().clamp(min=1).to(V.dtype)
+    first_value = torch.where(has_state, V.gather(1, first).squeeze(1), zero).sum() / n_with_state
+    first_adv = torch.where(has_state, A.gather(1, first).squeeze(1), zero).sum() / n_with_state
+    residual_abs = torch.where(S, residual.abs(), zero).sum() / S.sum().clamp(min=1)
+    return first_value, first_adv, residual_abs
+
+
 def bellman_losses(
     logp: torch.Tensor,
     ref_logp: torch.Tensor,
@@ -150,12 +164,7 @@ def bellman_losses(
     policy_loss = bellman_loss + kl_coef * sequence_kl.sum() / denominator
 
     with torch.no_grad():
-        has_state = S.any(1)
-        first = S.to(torch.int8).argmax(1, keepdim=True)  # index of the first state
-        n_with_state = has_state.sum().clamp(min=1).to(dtype)
-        first_value = torch.where(has_state, V.gather(1, first).squeeze(1), zero).sum() / n_with_state
-        first_adv = torch.where(has_state, A.gather(1, first).squeeze(1), zero).sum() / n_with_state
-        residual_abs = torch.where(S, policy_residual.abs(), zero).sum() / S.sum().clamp(min=1)
+        first_value, first_adv, residual_abs = state_diagnostics(V, A, policy_residual, S)
     return OreoLossOutput(
         loss=value_loss + policy_loss,
         value_loss=value_loss,
