@@ -80,8 +80,7 @@ def rows_stats_torch(z, r, actions, full_kl: bool):
     if not full_kl:
         return logp, ref_logp, torch.zeros_like(logp), (log_p.exp_(), None)
     p = log_p.exp()
-    # p = 0 entries carry no KL mass (their log p - log q may be nan or -inf)
-    diff = log_p.sub_(log_q).nan_to_num_(nan=0.0, neginf=0.0)
+    diff = _log_ratio_(log_p, log_q)
     del log_q
     return logp, ref_logp, torch.linalg.vecdot(p, diff), (p, diff)
 
