@@ -1,9 +1,12 @@
 """Per-rank peak memory of OREO training steps with 1 and with 2 processes (FSDP2), at the
-same micro-batch, on a Qwen2.5-1.5B-like random model: the real width (hidden 1536, MLP
-8960, 12 query / 2 key-value heads, tied embeddings) with 2 decoder layers.
+same micro-batch, on random models at the widths of real checkpoints (tests/real_widths.py:
+Qwen2.5-1.5B, tied, GQA 12/2; Llama-3.2-1B, tied, GQA 32/8, llama3 rope; TinyLlama-1.1B,
+untied) with few decoder layers.
 
-    python -m benchmarks.fsdp_memory [--vocab 32768] [--steps 2] [--micro 2] [--global-batch 8]
-    python -m benchmarks.fsdp_memory --vocab 151936     # the real vocabulary (about 12 GB/rank)
+    python -m benchmarks.fsdp_memory [--arch qwen2.5-1.5b] [--vocab 32768] [--steps 2]
+                                     [--micro 2] [--global-batch 8]
+    python -m benchmarks.fsdp_memory --vocab 151936     # Qwen's real vocabulary
+    python -m benchmarks.fsdp_memory --arch llama-3.2-1b --vocab 128256 --dtype bfloat16
 
 Each run is ``torchrun --nproc_per_node=N -m benchmarks.fsdp_memory worker ...``; every rank
 builds the trainer (policy, value, frozen reference), runs ``--steps`` optimizer steps of
@@ -23,17 +26,25 @@ import sys
 import time
 from pathlib import Path
 
-QWEN15_WIDTH = dict(hidden_size=1536, intermediate_size=8960, num_attention_heads=12,
-                    num_key_value_heads=2, tie_word_embeddings=True, rope_theta=1000000.0,
-                    rms_norm_eps=1e-6, max_position_embeddings=4096)
 
 
-def build_inputs(root: Path, vocab: int, layers: int, n_records: int = 32) -> None:
-    """A random Qwen2.5-1.5B-width model of ``layers`` layers and a ``vocab``-row embedding
-    (the tokenizer is small; the extra rows are padding, as in Qwen's own checkpoints), and a
-    trajectory file of ``n_records`` arithmetic responses of about 90 tokens."""
+def architecture(arch: str, vocab: int, layers: int) -> dict:
+    """The config fields of ``arch`` (tests/real_widths.py) with ``vocab`` embedding rows and
+    ``layers`` decoder layers."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from tests.real_widths import REAL_CONFIGS
+
+    spec = {k: v for k, v in REAL_CONFIGS[arch].items() if k != "pad_vocabulary_to"}
+    return {**spec, "vocab_size": vocab, "num_hidden_layers": layers}
+
+
+def build_inputs(root: Path, arch: str, vocab: int, layers: int, n_records: int = 32) -> None:
+    """A random model of ``arch``'s widths with ``layers`` layers and a ``vocab``-row embedding
+    (the tokenizer is small; the extra rows are padding, as in real checkpoints' own padded
+    vocabularies), and a trajectory file of ``n_records`` arithmetic responses of about 90
+    tokens."""
     import torch
-    from transformers import Qwen2Config, Qwen2ForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     from oreo_fast.models import save_model
     from oreo_fast.tokenizer import build_tokenizer
@@ -45,11 +56,11 @@ def build_inputs(root: Path, vocab: int, layers: int, n_records: int = 32) -> No
         records.append({"prompt": f"Question: start at {a}, multiply by {b}, six times.\n"
                         "Answer:\n", "response": f"{steps}\n#### {a * b}", "reward": i % 2})
     tok = build_tokenizer([r["prompt"] + r["response"] for r in records], vocab_size=300)
-    config = Qwen2Config(vocab_size=vocab, num_hidden_layers=layers, **QWEN15_WIDTH,
-                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                         pad_token_id=tok.pad_token_id, use_sliding_window=False)
+    spec = architecture(arch, vocab, layers)
+    config = AutoConfig.for_model(spec.pop("model_type"), **spec, bos_token_id=tok.bos_token_id,
+                                  eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     torch.manual_seed(0)
-    save_model(Qwen2ForCausalLM(config).eval(), tok, root / "policy")
+    save_model(AutoModelForCausalLM.from_config(config).eval(), tok, root / "policy")
     with open(root / "traj.jsonl", "w", encoding="utf-8") as f:
         for r in records:
             f.write(json.dumps(r) + "\n")
@@ -124,6 +135,8 @@ def main(argv=None) -> int:
         return 0
     parser = argparse.ArgumentParser(prog="python -m benchmarks.fsdp_memory",
                                      description=__doc__.split("\n\n")[0])
+    parser.add_argument("--arch", default="qwen2.5-1.5b",
+                        choices=("qwen2.5-1.5b", "llama-3.2-1b", "tinyllama-1.1b-untied"))
     parser.add_argument("--vocab", type=int, default=32768)
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--steps", type=int, default=2)
@@ -143,18 +156,19 @@ def main(argv=None) -> int:
 
     from benchmarks.report import RESULTS_DIR, environment
 
-    work = Path(args.work)
+    work = Path(args.work) / f"{args.arch}-v{args.vocab}-l{args.layers}"
     if not (work / "policy" / "config.json").is_file():
-        build_inputs(work, args.vocab, args.layers)
+        build_inputs(work, args.arch, args.vocab, args.layers)
     runs = [run(int(n), work, work / f"run{n}", args) for n in args.nproc.split(",")]
     report = {"benchmark": "fsdp_memory", "date": time.strftime("%Y-%m-%d %H:%M"),
-              "model": {"width": "Qwen2.5-1.5B", **QWEN15_WIDTH, "num_hidden_layers": args.layers,
-                        "vocab_size": args.vocab},
+              "model": {"width": args.arch,
+                        **architecture(args.arch, args.vocab, args.layers)},
               "settings": {k: getattr(args, k) for k in ("steps", "micro", "global_batch",
                                                          "dtype", "threads", "set")},
               "environment": environment(torch.device("cpu")), "runs": runs}
     RESULTS_DIR.mkdir(exist_ok=True)
-    name = f"fsdp_memory_cpu_v{args.vocab}-l{args.layers}-mb{args.micro}-{args.dtype}" \
+    arch = "" if args.arch == "qwen2.5-1.5b" else f"{args.arch}-"
+    name = f"fsdp_memory_cpu_{arch}v{args.vocab}-l{args.layers}-mb{args.micro}-{args.dtype}" \
         f"{'_' + args.label if args.label else ''}_{time.strftime('%Y-%m-%d')}.json"
     (RESULTS_DIR / name).write_text(json.dumps(report, indent=2) + "\n")
     print(f"{'processes':>9}  {'rank':>4}  {'after load MB':>13}  {'peak MB':>8}  step s")

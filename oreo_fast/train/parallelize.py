@@ -118,13 +118,47 @@ def data_parallel_mesh(device: torch.device, world_size: int, replicate: int):
                             mesh_dim_names=("dp_replicate", "dp_shard"))
 
 
+def reference_head_unit(model: nn.Module) -> list[nn.Module]:
+    """The modules that hold the reference's LM head weight: the LM head, with the input
+    embedding when the two are tied (one FSDP unit over both, so the shared tensor is
+    managed once and both modules see it gathered)."""
+    head, embedding = model.get_output_embeddings(), model.get_input_embeddings()
+    return [embedding, head] if head.weight is embedding.weight else [head]
+
+
 def shard_frozen_reference(root: HiddenStates, compute_dtype: torch.dtype, mesh=None) -> None:
-    """The frozen reference: blocks and (untied) input embedding sharded; the LM head
-    replicated, because the policy's fused loss reads it whole, outside the reference's
-    own forward (a tied embedding is that same tensor, so it stays replicated too)."""
-    model = root.model
-    frozen = {model.get_output_embeddings().weight}
-    shard(root, model, mixed_precision(compute_dtype, trained=False), ignored=frozen, mesh=mesh)
+    """The frozen reference, everything sharded. The LM head weight (with the tied embedding
+    that is the same tensor) is an FSDP unit of its own: the policy's fused loss reads it
+    whole, outside the reference's forward, so the step gathers that unit alone around the
+    policy's forward and backward (``gathered_reference_head``) and a rank keeps only its
+    shard the rest of the time, the optimizer step included."""
+    from torch.distributed.fsdp import fully_shard
+
+    model, policy = root.model, mixed_precision(compute_dtype, trained=False)
+    # not resharded after the reference's forward (a tied embedding runs in it): the
+    # gathered weight must outlive it until the policy's backward
+    fully_shard(reference_head_unit(model), mp_policy=policy, reshard_after_forward=False,
+                mesh=mesh)
+    shard(root, model, policy, mesh=mesh)
+
+
+class gathered_reference_head:
+    """Context manager: the reference's LM head weight, whole, for the length of the block
+    (the policy's forward and backward: the two-pass loss reads it again in its backward),
+    and back to shards afterwards. Without FSDP it is the model's own tensor."""
+
+    def __init__(self, model: nn.Module):
+        self.unit = reference_head_unit(model)[0]
+        self.model = model
+
+    def __enter__(self) -> torch.Tensor:
+        if hasattr(self.unit, "unshard"):  # an FSDP unit (shard_frozen_reference)
+            self.unit.unshard()
+        return self.model.get_output_embeddings().weight
+
+    def __exit__(self, *exc) -> None:
+        if hasattr(self.unit, "reshard"):
+            self.unit.reshard()
 
 
 def attention_backend(requested: str, device: torch.device) -> str:

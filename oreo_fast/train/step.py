@@ -10,6 +10,7 @@ over micro-batches and ranks do not depend on how the batch was split.
 """
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import torch
@@ -17,8 +18,9 @@ from torch import nn
 
 from oreo_fast.models import ValueModel, check_folders_same_vocabulary, load_model
 from oreo_fast.ops import masked_sequence_mean
-from oreo_fast.train.parallelize import (HiddenStates, PolicyWithLoss, Values, mixed_precision,
-                                         shard, shard_frozen_reference)
+from oreo_fast.train.parallelize import (HiddenStates, PolicyWithLoss, Values,
+                                         gathered_reference_head, mixed_precision, shard,
+                                         shard_frozen_reference)
 
 # diagnostics that are means over sequences: summed weighted, divided after the reduction
 PER_SEQUENCE_MEANS = ("kl", "residual_abs", "first_value", "first_advantage")
@@ -58,6 +60,10 @@ class RftStep:
         shard(self.policy, self.policy.model, mixed_precision(compute_dtype, trained=True),
               mesh=mesh)
 
+    def gathered(self):
+        """Nothing is gathered outside a model's own forward."""
+        return contextlib.nullcontext()
+
     def __call__(self, batch: dict, num_sequences: int):
         logp, _, _ = self.policy(**_model_inputs(batch), actions=batch["actions"],
                                  action_mask=batch["action_mask"], impl=self.impl)
@@ -90,6 +96,11 @@ class OreoStep:
         shard(self.policy, self.policy.model, trained, mesh=mesh)
         shard(self.value, self.value.value_model.backbone, trained, mesh=mesh)
         shard_frozen_reference(self.reference, compute_dtype, mesh=mesh)
+
+    def gathered(self):
+        """The reference's LM head, whole, around a micro-step's forward and backward (the
+        trainer enters it); elsewhere each rank holds its shard."""
+        return gathered_reference_head(self.reference.model)
 
     def __call__(self, batch: dict, num_sequences: int):
         cfg = self.cfg

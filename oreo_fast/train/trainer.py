@@ -104,9 +104,10 @@ class Trainer:
                                      self.tokenizer.pad_token_id, cfg.level)
             tokens += int(batch["attention_mask"].sum())
             batch = {k: v.to(self.device) for k, v in batch.items()}
-            loss, metrics = self.algorithm(batch, len(batch_indices))
-            # FSDP averages gradients over ranks; the loss is already a global mean
-            (loss * self.world_size).backward()
+            with self.algorithm.gathered():
+                loss, metrics = self.algorithm(batch, len(batch_indices))
+                # FSDP averages gradients over ranks; the loss is already a global mean
+                (loss * self.world_size).backward()
             for k, v in metrics.items():
                 totals[k] = totals.get(k, 0) + v.float()
         norms = []
