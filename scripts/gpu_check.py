@@ -16,6 +16,12 @@ the next one runs; the whole pass stops starting steps once the 9-minute budget 
 4. pipeline: SFT, sampling, evaluation and value-guided beam search on CUDA, embedded default;
 5. benchmarks at GPU shapes: the ops, one trainer step and the search (benchmarks/).
 
+With ``--with-vllm`` (``make gpu-check VLLM=1``) one more step runs after the nine minutes:
+it installs vLLM (which pins its own torch build, so it comes last) and samples the same
+problems with ``--engine vllm``, then compares with the HF engine's trajectories from step 4
+(``--compare-samples``): the same record fields, one record per (problem, sample), and reward
+and truncation rates within sampling noise.
+
 It writes ``gpu_check.json`` (per step: command, status, seconds, output tail) to ``--out``
 and prints one summary table.
 """
@@ -33,6 +39,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 TOTAL_BUDGET_S = 540  # 9 minutes, install included
+VLLM_BUDGET_S = 300  # --with-vllm: after the nine minutes (its wheel alone is large)
 PY = sys.executable
 
 
@@ -70,7 +77,7 @@ def steps(out: Path, torch_spec: str) -> list[Step]:
         Step("train: FSDP2 nccl step", 70, [
             [PY, "-c", "import sys; sys.argv=['x']; from benchmarks.fsdp_memory import "
              f"build_inputs; from pathlib import Path; build_inputs(Path('{work / 'qwen'}'), "
-             "151936, 2)"],
+             "'qwen2.5-1.5b', 151936, 2)"],
             [PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=gpu", "-m",
              "oreo_fast.train", *train]]),
         Step("pipeline on cuda: sft, sample, eval, search", 70, [
@@ -95,6 +102,55 @@ def steps(out: Path, torch_spec: str) -> list[Step]:
                                         "benchmarks/test_search.py", "--benchmark-only"]],
              env=bench_env),
     ]
+
+
+def vllm_step(out: Path) -> Step:
+    """vLLM against the HF engine on the pipeline step's problems and model (run after it)."""
+    work, cli = out / "work", [PY, "-m", "oreo_fast.cli", "-q"]
+    sample = [*cli, "sample", "--model", str(work / "sft"), "--problems",
+              str(work / "default" / "train.jsonl"), "--k", "4", "--device", "cuda"]
+    return Step("vllm engine against hf", VLLM_BUDGET_S, [
+        [PY, "-m", "pip", "install", "-q", "vllm"],
+        [*sample, "--engine", "vllm", "--out", str(work / "traj_vllm.jsonl")],
+        [PY, "scripts/gpu_check.py", "--compare-samples", str(work / "traj.jsonl"),
+         str(work / "traj_vllm.jsonl")]])
+
+
+def compare_samples(hf_path: str, vllm_path: str) -> int:
+    """The two engines' trajectory files agree in format (the same fields in every record,
+    the same (problem, count) coverage) and in reward and truncation rates, within four
+    binomial standard errors of their difference. Prints the figures; 0 when they agree."""
+    def read(path):
+        with open(path, encoding="utf-8") as f:
+            return [json.loads(line) for line in f if line.strip()]
+
+    runs = {"hf": read(hf_path), "vllm": read(vllm_path)}
+    problems = []
+    for name, rows in runs.items():
+        if not rows:
+            print(f"{name}: no trajectories")
+            return 1
+        counts: dict = {}
+        for r in rows:
+            counts[r["problem_id"]] = counts.get(r["problem_id"], 0) + 1
+        runs[name] = (rows, counts)
+    (hf, hf_counts), (vl, vl_counts) = runs["hf"], runs["vllm"]
+    hf_keys, vl_keys = {frozenset(r) for r in hf}, {frozenset(r) for r in vl}
+    if hf_keys != vl_keys or len(hf_keys) != 1:
+        problems.append(f"record fields differ: hf {sorted(map(sorted, hf_keys))} "
+                        f"vllm {sorted(map(sorted, vl_keys))}")
+    if hf_counts != vl_counts:
+        problems.append("the engines cover different (problem, sample) counts")
+    for field_name in ("reward", "truncated"):
+        a = sum(float(r.get(field_name, 0)) for r in hf) / len(hf)  # absent: flagged above
+        b = sum(float(r.get(field_name, 0)) for r in vl) / len(vl)
+        se = (a * (1 - a) / len(hf) + b * (1 - b) / len(vl)) ** 0.5
+        print(f"{field_name} rate: hf {a:.3f} vllm {b:.3f} (n {len(hf)} / {len(vl)})")
+        if abs(a - b) > 4 * se + 1e-9:
+            problems.append(f"{field_name} rates differ beyond 4 standard errors")
+    for line in problems:
+        print("mismatch: " + line)
+    return 1 if problems else 0
 
 
 def install_torch(spec: str) -> int:
@@ -147,13 +203,23 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dry-run", action="store_true", help="list the steps only")
     parser.add_argument("--out", default="runs/gpu_check", help="folder for gpu_check.json")
+    parser.add_argument("--with-vllm", action="store_true",
+                        help="after the nine minutes: vLLM sampling against the HF engine")
     parser.add_argument("--install-torch", metavar="SPEC", help=argparse.SUPPRESS)
+    parser.add_argument("--compare-samples", nargs=2, metavar=("HF", "VLLM"),
+                        help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.install_torch:
         return install_torch(args.install_torch)
+    if args.compare_samples:
+        return compare_samples(*args.compare_samples)
     out = (ROOT / args.out).resolve()
     plan = steps(out, os.environ.get("TORCH_SPEC", "torch==2.13.0"))
     assert sum(s.budget_s for s in plan) <= TOTAL_BUDGET_S, "step budgets exceed 9 minutes"
+    budget = TOTAL_BUDGET_S
+    if args.with_vllm:
+        plan.append(vllm_step(out))
+        budget += VLLM_BUDGET_S
     has_cuda = _cuda_present()
     if not has_cuda or args.dry_run:
         if not has_cuda:
@@ -163,15 +229,15 @@ def main(argv=None) -> int:
                   f"{', optional' if s.optional else ''})")
             for cmd in s.commands:
                 print("    $ " + " ".join(cmd))
-        print(f"total budget {sum(s.budget_s for s in plan)}s of {TOTAL_BUDGET_S}s")
+        print(f"total budget {sum(s.budget_s for s in plan)}s of {budget}s")
         return 0
     shutil.rmtree(out / "work", ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
     start = time.time()
     for s in plan:
-        remaining = TOTAL_BUDGET_S - (time.time() - start)
+        remaining = budget - (time.time() - start)
         if remaining <= 5:
-            s.status = "skipped (9-minute budget spent)"
+            s.status = "skipped (budget spent)"
             continue
         print(f"gpu-check: {s.name} ...", flush=True)
         run_step(s, remaining)

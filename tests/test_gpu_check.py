@@ -33,3 +33,61 @@ def test_gpu_check_dry_run_flag_lists_commands():
     assert done.returncode == 0, done.stderr
     assert "torch.distributed.run" in done.stdout and "-m gpu or not gpu" in done.stdout
     assert "--device cuda" in done.stdout
+
+
+def _gpu_check_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "scripts" / "gpu_check.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclass looks its module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_gpu_check_train_inputs_command_runs(tmp_path):
+    """The train step's input-building command (a python -c line the dry run cannot execute)
+    matches benchmarks.fsdp_memory.build_inputs: run it at a small vocabulary."""
+    gc = _gpu_check_module()
+    step = next(s for s in gc.steps(tmp_path, "torch") if "FSDP2 nccl" in s.name)
+    code = step.commands[0][2].replace("151936", "512")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (tmp_path / "work" / "qwen" / "policy" / "config.json").is_file()
+    assert (tmp_path / "work" / "qwen" / "traj.jsonl").is_file()
+
+
+def _write(path, rows):
+    import json
+
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def _rows(rewards, truncated=None):
+    truncated = truncated or [False] * len(rewards)
+    return [{"prompt": "p", "response": "r", "reward": r, "problem_id": i // 2,
+             "truncated": t, "prompt_format": "plain"} for i, (r, t) in
+            enumerate(zip(rewards, truncated))]
+
+
+def test_compare_samples_agreement_and_mismatches(tmp_path, capsys):
+    gc = _gpu_check_module()
+    hf = _write(tmp_path / "hf.jsonl", _rows([1, 0] * 20))
+    assert gc.compare_samples(hf, _write(tmp_path / "a.jsonl", _rows([0, 1] * 20))) == 0
+    # reward rates 0.5 against 0.0 over 40 each: far beyond 4 standard errors
+    assert gc.compare_samples(hf, _write(tmp_path / "b.jsonl", _rows([0] * 40))) == 1
+    missing = [{k: v for k, v in r.items() if k != "truncated"} for r in _rows([1, 0] * 20)]
+    assert gc.compare_samples(hf, _write(tmp_path / "c.jsonl", missing)) == 1
+    fewer = _rows([1, 0] * 19)
+    assert gc.compare_samples(hf, _write(tmp_path / "d.jsonl", fewer)) == 1
+    assert "mismatch" in capsys.readouterr().out
+
+
+def test_gpu_check_with_vllm_adds_the_step_after_the_nine_minutes():
+    done = subprocess.run([sys.executable, "scripts/gpu_check.py", "--with-vllm"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert "vllm engine against hf" in done.stdout and "--engine vllm" in done.stdout
+    assert done.stdout.splitlines()[-1] == "total budget 840s of 840s"

@@ -27,3 +27,24 @@ def test_kernels_package_imports_without_triton(monkeypatch):
         monkeypatch.undo()
         importlib.reload(oreo_fast.kernels)
     assert oreo_fast.kernels.TRITON_AVAILABLE is True
+
+
+def test_installed_transformers_is_in_the_supported_range():
+    """The transformers this run imports lies within setup.py's pinned range, and is exactly
+    ``OREO_EXPECT_TRANSFORMERS`` when set (`make test` sets it for its second pass, over the
+    lowest supported version laid over .venv), so that pass cannot silently test the newest."""
+    import os
+    import re
+    from pathlib import Path
+
+    import transformers
+    from packaging.version import Version
+
+    setup = (Path(__file__).resolve().parents[1] / "setup.py").read_text()
+    low, high = re.search(r'"transformers>=([\d.]+),<([\d.]+)"', setup).groups()
+    installed = Version(transformers.__version__)
+    assert Version(low) <= installed < Version(high), (transformers.__version__, low, high)
+    expected = os.environ.get("OREO_EXPECT_TRANSFORMERS")
+    if expected:
+        assert installed == Version(expected)
+        assert installed.major == Version(low).major and installed.minor == Version(low).minor
