@@ -4,9 +4,11 @@ size (1 and 2 processes); the merged export loads with AutoModelForCausalLM and 
 trained model's logits; the adapter export loads with peft."""
 import json
 import shutil
+import sys
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from oreo_fast.errors import CheckpointError, ConfigError
 from oreo_fast.models import ValueModel, load_policy
@@ -67,6 +69,16 @@ def test_invalid_lora_combinations_name_the_key():
 def test_unmatched_targets_are_a_config_error(tiny, tmp_path):  # noqa: F811
     with pytest.raises(ConfigError, match="^lora_targets: Target modules"):
         _trainer(tiny[0], tmp_path / "run", lora_targets="no_such_proj")
+
+
+def test_missing_peft_is_one_line_naming_the_extra(tiny, tmp_path, monkeypatch):  # noqa: F811
+    monkeypatch.setitem(sys.modules, "peft", None)  # `import peft` raises ImportError
+    with pytest.raises(ConfigError, match=r"^lora: needs the peft package "
+                                          r"\(pip install oreo-fast\[lora\]\)$"):
+        _trainer(tiny[0], tmp_path / "lora", lora="policy")
+    # without LoRA nothing needs peft, the export included
+    _trainer(tiny[0], tmp_path / "dense", lora="none", max_steps=1).fit()
+    assert (tmp_path / "dense" / "policy" / "model.safetensors").is_file()
 
 
 def _check_only_adapters_trained(trainer, before, after, adapted):
@@ -149,8 +161,6 @@ def test_adapter_export_loads_with_peft(tiny, lora_run, tmp_path):  # noqa: F811
     backbone = PeftModel.from_pretrained(AutoModel.from_pretrained(str(tiny[0] / "policy")),
                                          str(tmp_path / "value"))
     value = ValueModel(backbone)
-    from safetensors.torch import load_file
-
     value.value_head.load_state_dict(load_file(str(tmp_path / "value" /
                                                    "value_head.safetensors")))
     with torch.no_grad():
@@ -207,14 +217,21 @@ def test_two_processes_equal_one_and_resume_bit_exact(tiny, lora_run, tmp_path):
     for a, b in ((pol, pol1), (val, val1)):
         for k in b:
             torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
-    # resume at the same world size from the run's step-2: bit for bit its end
+    # resume at the same world size from the run's step-2, exporting the adapters only: the
+    # same losses, and adapters and value head bit for bit those of the run's step-4
     again = tmp_path / "again"
     shutil.copytree(out / "checkpoints" / "step-2", again / "checkpoints" / "step-2")
-    proc = run_process_group(_torchrun(root, again, *args, "resume=true"), env=_env(),
-                             timeout=300)
+    proc = run_process_group(_torchrun(root, again, *args, "resume=true",
+                                       "lora_export=adapter"), env=_env(), timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert [r["loss"] for r in _rows(again)] == [r["loss"] for r in rows]
-    for a, b in ((load_policy(again / "policy").state_dict(), pol),
-                 (ValueModel.from_pretrained(again / "value").state_dict(), val)):
-        for k in b:
-            assert torch.equal(a[k], b[k]), k
+    step4 = checkpoint.read_checkpoint_tensors(out / "checkpoints" / "step-4")
+    for name, prefix in (("policy", "policy.model."), ("value", "value.value_model.backbone.")):
+        adapters = load_file(str(again / name / "adapter_model.safetensors"))
+        assert len(adapters) == 2 * 7 * 2  # A and B, 7 projections, 2 layers
+        for k, v in adapters.items():
+            saved = prefix + k.removeprefix("base_model.model.").replace(
+                ".weight", ".default.weight")
+            assert torch.equal(v, step4[saved]), k
+    head = load_file(str(again / "value" / "value_head.safetensors"))["weight"]
+    assert torch.equal(head, step4["value.value_model.value_head.weight"])
