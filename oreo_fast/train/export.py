@@ -167,14 +167,14 @@ def export_models(trained: list[nn.Module], tokenizer, out_dir: Path, step: int,
     names = ("policy", "value")[:len(trained)]
     if not is_main:
         for writer, module in zip(writers, trained):
-            writer(module, tokenizer, None, dtype, adapters_only)
+            writer(module, tokenizer, None, dtype, adapters_only=adapters_only)
         return None
     exports = out_dir / EXPORTS
     folder = exports / f"step-{step}"
     with atomic_dir(folder) as tmp:
         for name, writer, module in zip(names, writers, trained):
             (tmp / name).mkdir()
-            writer(module, tokenizer, tmp / name, dtype, adapters_only)
+            writer(module, tokenizer, tmp / name, dtype, adapters_only=adapters_only)
     for name in names:  # fixed links, dangling until the first ``current`` exists
         link = out_dir / name
         if not link.is_symlink():
