@@ -38,7 +38,10 @@ setup(
             "hypothesis>=6",
             "liger-kernel>=0.5",
             "datasets>=3",  # ~30 s more on `make setup` here; the datasets-input tests need it
+            "peft>=0.13",  # the LoRA tests (train config `lora=`)
         ],
+        # LoRA adapters on the policy and/or the value model (train config `lora=`)
+        "lora": ["peft>=0.13"],
         "flash": ["flash-attn>=2.6"],
         # problems and trajectories from parquet / arrow / save_to_disk / cached hub datasets
         "datasets": ["datasets>=3", "pyarrow>=15"],

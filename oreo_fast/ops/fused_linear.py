@@ -81,9 +81,12 @@ class _HiddenLevel(torch.autograd.Function):
          b_idx, t_idx) = ctx.saved_tensors
         grad_logp, grad_kl = upstream_grads(grad_logp, grad_kl, ctx.compute_kl, lse)
         grad_hidden = torch.zeros_like(hidden)
-        # the weight gradient accumulates in float32 (float64 stays float64) across chunks
-        acc_dtype = reference.compute_dtype(weight.dtype)
-        grad_weight = torch.zeros(weight.shape, dtype=acc_dtype, device=weight.device)
+        # the weight gradient accumulates in float32 (float64 stays float64) across chunks;
+        # none for a frozen LM head (LoRA)
+        grad_weight = None
+        if ctx.needs_input_grad[1]:
+            acc_dtype = reference.compute_dtype(weight.dtype)
+            grad_weight = torch.zeros(weight.shape, dtype=acc_dtype, device=weight.device)
         for start in range(0, b_idx.numel(), ctx.chunk_rows):
             b, t = b_idx[start:start + ctx.chunk_rows], t_idx[start:start + ctx.chunk_rows]
             h = hidden[b, t]
@@ -96,8 +99,9 @@ class _HiddenLevel(torch.autograd.Function):
                 grad_logp[b, t], g_kl, ctx.block_v,
             )
             grad_hidden[b, t] = grad_z @ weight
-            accumulate_weight_grad(grad_weight, grad_z, h)
-        return (grad_hidden, grad_weight.to(weight.dtype),
+            if grad_weight is not None:
+                accumulate_weight_grad(grad_weight, grad_z, h)
+        return (grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype),
                 None, None, None, None, None, None, None, None)
 
 

@@ -199,9 +199,12 @@ class _HiddenGradInForward(torch.autograd.Function):
                      kl_estimator, denominator, impl, block_v)
         ref_hidden, ref_weight = ref_hidden.detach(), ref_weight.detach()
         grad_hidden = torch.zeros_like(hidden)
-        # the weight gradient accumulates in float32 (float64 stays float64) across chunks
-        acc_dtype = reference.compute_dtype(weight.dtype)
-        grad_weight = torch.zeros(weight.shape, dtype=acc_dtype, device=weight.device)
+        # the weight gradient accumulates in float32 (float64 stays float64) across chunks;
+        # a frozen LM head (LoRA) needs none: one matmul per chunk and a V x H buffer saved
+        grad_weight = None
+        if ctx.needs_input_grad[1]:
+            acc_dtype = reference.compute_dtype(weight.dtype)
+            grad_weight = torch.zeros(weight.shape, dtype=acc_dtype, device=weight.device)
         for start, stop in plan.chunks:
             rows = walk.chunk_rows(start, stop)
             b, t = rows[0], rows[1]
@@ -211,8 +214,10 @@ class _HiddenGradInForward(torch.autograd.Function):
             grad_z = walk.step(start, stop, rows, z, r, actions[b, t])
             del z, r
             grad_hidden[b, t] = grad_z @ weight
-            accumulate_weight_grad(grad_weight, grad_z, h)
-        ctx.grad_hidden, ctx.grad_weight = grad_hidden, grad_weight.to(weight.dtype)
+            if grad_weight is not None:
+                accumulate_weight_grad(grad_weight, grad_z, h)
+        ctx.grad_hidden = grad_hidden
+        ctx.grad_weight = None if grad_weight is None else grad_weight.to(weight.dtype)
         return _finish(ctx, walk, values, rewards, m, S, denominator,
                        values.dtype if ctx.needs_input_grad[2] else None)
 

@@ -15,7 +15,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from oreo_fast.config import require_at_least, require_choice
+from oreo_fast.config import reject, require_at_least, require_choice
 from oreo_fast.io import write_json
 from oreo_fast.models import check_device_and_dtype, resolve_device
 from oreo_fast.sampling import check_sampling
@@ -94,6 +94,10 @@ class IterateConfig:
         require_choice(self, "reference", ("previous", "initial"))
         require_choice(self, "prompt_format", ("auto", "plain", "chat"))
         check_sampling(self)
+        if any(o.replace(" ", "") == "lora_export=adapter" for o in self.train_overrides):
+            # the next round samples from this round's policy/ folder: a whole model
+            reject(self, "train_overrides", "lora_export=adapter cannot chain rounds "
+                   "(each round starts from the last policy/ folder); leave it merged")
 
 
 def run_iterate(config: IterateConfig) -> dict:

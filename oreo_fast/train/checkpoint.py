@@ -32,6 +32,7 @@ from oreo_fast.models import check_model_dir
 from oreo_fast.preflight import check_output_dir, safetensors_numel
 from oreo_fast.tokenizer import check_tokenizer_dir
 from oreo_fast.train.guard import local_all_finite
+from oreo_fast.train.lora import lora_settings
 
 MANIFEST = "manifest.json"
 FORMAT = "oreo_fast.dcp/1"
@@ -39,6 +40,15 @@ MODEL_NAMES = ("policy", "value")
 _CHECKPOINT = re.compile(r"^step-(\d+)$")
 _LEFTOVER = re.compile(r"^\.step-\d+\.")  # a removal cut short by a crash
 log = logging.getLogger("oreo_fast")
+
+
+def _trained_state(module: nn.Module, model_state: dict) -> dict:
+    """``model_state`` less its frozen tensors (LoRA's base weights, embeddings and LM head,
+    under every name a tied weight has): they are the init folders', loaded again on
+    resume, so a checkpoint holds only what training changes."""
+    frozen = {name for name, p in module.named_parameters(remove_duplicate=False)
+              if not p.requires_grad}
+    return {k: v for k, v in model_state.items() if k not in frozen}
 
 
 # ------------------------------------------------------------------ finding and pruning
@@ -192,7 +202,7 @@ class Checkpointer:
         state, groups = {}, []
         for name, module, optimizer in zip(MODEL_NAMES, modules, optimizers):
             model_state, optim_state = get_state_dict(module, optimizer)
-            state[name] = model_state
+            state[name] = _trained_state(module, model_state)
             state[f"{name}_optimizer"] = optim_state["state"]
             groups.append(_json_groups(optim_state["param_groups"]))
         state["rng"] = {f"rank{rng_rank}": rng_tensors()}
@@ -235,7 +245,7 @@ class Checkpointer:
         manifest = {"format": FORMAT, "step": progress.step,
                     "world_size": self.runtime.world_size, "optimizer_param_groups": groups,
                     "schedulers": [_scheduler_state(s) for s in schedulers],
-                    "progress": asdict(progress)}
+                    "progress": asdict(progress), "lora": lora_settings(self.cfg)}
         writer = dcp.FileSystemWriter(str(folder), sync_files=True)
         if getattr(self.cfg, "async_save", False):
             future = dcp.async_save(state, storage_writer=writer, **self._dcp_kwargs())
@@ -305,9 +315,14 @@ class Checkpointer:
         if self.resume_from is None:
             return Progress()
         import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import set_state_dict
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
         manifest = self.read_manifest(self.resume_from)
+        saved_lora = manifest.get("lora", {"lora": "none"})  # older manifests: no LoRA
+        if saved_lora != lora_settings(self.cfg):
+            raise CheckpointError(f"saved with {saved_lora}, resumed with "
+                                  f"{lora_settings(self.cfg)}: resume with the same LoRA "
+                                  "settings", self.resume_from / MANIFEST, field="lora")
         rank = self.runtime.rank
         # RNG: this rank's own state when it existed, else rank 0's (ranks are seeded alike)
         state, _ = self._state(modules, optimizers,
@@ -319,7 +334,10 @@ class Checkpointer:
                       for g in manifest["optimizer_param_groups"][i]]
             set_state_dict(module, optimizer, model_state_dict=state[name],
                            optim_state_dict={"state": state[f"{name}_optimizer"],
-                                             "param_groups": groups})
+                                             "param_groups": groups},
+                           # the frozen tensors are missing on purpose (_trained_state);
+                           # dcp.load has already failed on any trained one missing
+                           options=StateDictOptions(strict=False))
         for scheduler, saved in zip(schedulers, manifest["schedulers"]):
             scheduler.load_state_dict({**scheduler.state_dict(), **saved})
         restore_rng(next(iter(state["rng"].values())))

@@ -13,6 +13,10 @@ from oreo_fast.ops import KL_ESTIMATORS, LEVELS
 
 __all__ = ["TrainConfig", "load_train_config", "save_config"]
 
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# kept dense: the fused loss reads the LM head whole, tied to the input embedding
+DENSE_ONLY = ("lm_head", "embed_tokens", "value_head")
+
 
 @dataclass
 class TrainConfig:
@@ -51,6 +55,18 @@ class TrainConfig:
     min_lr_ratio: float = 0.0  # cosine decays to lr * min_lr_ratio
     grad_clip: float = 1.0
     seed: int = 0
+
+    # LoRA (peft): adapters on the policy, the value model or both; the LM head, embeddings and
+    # base weights stay dense and frozen (the value head always trains). Needs oreo-fast[lora]
+    lora: str = "none"  # none | policy | value | both: the models trained through adapters
+    lora_rank: int = 16  # r, the adapters' rank
+    lora_alpha: float = 32.0  # the adapters' output is scaled by lora_alpha / lora_rank
+    lora_dropout: float = 0.0  # dropout on the adapters' input (0: none)
+    # the adapted Linear layers, by name suffix (peft's target_modules): attention and MLP
+    lora_targets: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
+    # what policy/ and value/ hold: "merged" (dense Hugging Face folders, adapters merged
+    # into the weights) or "adapter" (peft's adapter_config.json + adapter weights only)
+    lora_export: str = "merged"
 
     # runtime
     threads: int = 0  # torch CPU threads per process (0: torch's default, or OMP_NUM_THREADS)
@@ -134,6 +150,29 @@ class TrainConfig:
             bad("prompt_format", "must be auto, plain or chat")
         if not self.step_delimiters or not all(self.step_delimiters):
             bad("step_delimiters", "must be a non-empty list of non-empty strings")
+        self._check_lora(bad)
+
+    def _check_lora(self, bad):
+        if self.lora not in ("none", "policy", "value", "both"):
+            bad("lora", "must be none, policy, value or both")
+        if self.algorithm == "rft" and self.lora in ("value", "both"):
+            bad("lora", "rft trains no value model: use lora=policy")
+        if self.lora_rank < 1:
+            bad("lora_rank", "must be >= 1")
+        if not math.isfinite(self.lora_alpha) or self.lora_alpha <= 0:
+            bad("lora_alpha", "must be a finite number > 0")
+        if not 0 <= self.lora_dropout < 1:
+            bad("lora_dropout", "must be in [0, 1)")
+        if not self.lora_targets or not all(isinstance(t, str) and t.strip()
+                                            for t in self.lora_targets):
+            bad("lora_targets", "must be a non-empty list of module names")
+        if any(t.strip().split(".")[-1] in DENSE_ONLY for t in self.lora_targets):
+            bad("lora_targets", f"{', '.join(DENSE_ONLY)} stay dense (the fused loss reads "
+                "the LM head whole)")
+        if self.lora_export not in ("merged", "adapter"):
+            bad("lora_export", "must be merged or adapter")
+        if self.lora == "none" and self.lora_export != "merged":
+            bad("lora_export", "an adapter export needs lora=policy, value or both")
 
 
 def load_train_config(path: str | os.PathLike | None = None,

@@ -23,6 +23,7 @@ from torch import nn
 
 from oreo_fast.io import atomic_dir, fsync_dir
 from oreo_fast.models import VALUE_CONFIG_KEY, VALUE_HEAD_FILE
+from oreo_fast.train.lora import has_lora, merged_items, write_adapter
 
 EXPORTS = "exports"
 CURRENT = "current"
@@ -85,15 +86,23 @@ def _config(config, dtype: torch.dtype, architecture: str):
 
 def _policy_items(root: nn.Module) -> list[tuple[str, torch.Tensor]]:
     model = root.model
-    items = [(k.removeprefix("model."), v) for k, v in root.state_dict().items()]
+    items = merged_items(model, [(k.removeprefix("model."), v)
+                                 for k, v in root.state_dict().items()])
     if getattr(model.config, "tie_word_embeddings", False):
         items = [(k, v) for k, v in items if k != "lm_head.weight"]  # as save_pretrained does
     return items
 
 
-def write_policy(root: nn.Module, tokenizer, out: Path | None, dtype: torch.dtype) -> None:
-    """The policy (a ``PolicyWithLoss`` root) as a causal-LM folder."""
+def write_policy(root: nn.Module, tokenizer, out: Path | None, dtype: torch.dtype,
+                 adapters_only: bool = False) -> None:
+    """The policy (a ``PolicyWithLoss`` root) as a causal-LM folder (LoRA merged into it),
+    or with ``adapters_only`` and LoRA as peft's adapter folder for the policy's base."""
     model = root.model
+    if adapters_only and has_lora(model):
+        write_adapter(model, out, dtype, task_type="CAUSAL_LM")
+        if out is not None:
+            tokenizer.save_pretrained(str(out))
+        return
     stream_safetensors(_policy_items(root), out, dtype)
     if out is not None:
         _config(model.config, dtype, type(model).__name__).save_pretrained(str(out))
@@ -102,22 +111,32 @@ def write_policy(root: nn.Module, tokenizer, out: Path | None, dtype: torch.dtyp
         tokenizer.save_pretrained(str(out))
 
 
-def write_value(root: nn.Module, tokenizer, out: Path | None, dtype: torch.dtype) -> None:
+def write_value(root: nn.Module, tokenizer, out: Path | None, dtype: torch.dtype,
+                adapters_only: bool = False) -> None:
     """The value model (a ``Values`` root) in ``ValueModel.save_pretrained``'s format: the
-    backbone folder + ``value_head.safetensors`` + the value key in config.json."""
+    backbone folder (LoRA merged into it) + ``value_head.safetensors`` + the value key in
+    config.json; with ``adapters_only`` and LoRA, peft's adapter folder for the backbone's
+    base + ``value_head.safetensors``."""
     from safetensors.torch import save_file
 
     value = root.value_model
+    backbone = value.backbone
     prefix = "value_model.backbone."
     state = root.state_dict()
-    stream_safetensors([(k[len(prefix):], v) for k, v in state.items()
-                        if k.startswith(prefix)], out, dtype)
+    adapters = adapters_only and has_lora(backbone)
+    if adapters:
+        write_adapter(backbone, out, dtype, task_type=None)
+    else:
+        stream_safetensors(merged_items(backbone, [(k[len(prefix):], v) for k, v in state.items()
+                                                   if k.startswith(prefix)]), out, dtype)
     head = _full(state["value_model.value_head.weight"]).detach()
     if out is None:
         return
     save_file({"weight": head.to(device="cpu", dtype=dtype).contiguous()},
               str(out / VALUE_HEAD_FILE))
-    backbone = value.backbone
+    if adapters:
+        tokenizer.save_pretrained(str(out))
+        return
     _config(backbone.config, dtype, type(backbone).__name__).save_pretrained(str(out))
     config_path = out / "config.json"
     config = json.loads(config_path.read_text(encoding="utf-8"))
@@ -140,21 +159,22 @@ def _link(target: str, path: Path) -> None:
 
 
 def export_models(trained: list[nn.Module], tokenizer, out_dir: Path, step: int,
-                  dtype: torch.dtype, is_main: bool) -> Path | None:
+                  dtype: torch.dtype, is_main: bool, adapters_only: bool = False) -> Path | None:
     """Write ``out_dir/exports/step-N/{policy,value}`` and make ``out_dir/policy`` and
-    ``out_dir/value`` show it, both at once. Every rank calls it; rank 0 writes."""
+    ``out_dir/value`` show it, both at once. Every rank calls it; rank 0 writes.
+    ``adapters_only``: a LoRA-adapted model as its adapter folder, not merged."""
     writers = (write_policy, write_value)[:len(trained)]
     names = ("policy", "value")[:len(trained)]
     if not is_main:
         for writer, module in zip(writers, trained):
-            writer(module, tokenizer, None, dtype)
+            writer(module, tokenizer, None, dtype, adapters_only=adapters_only)
         return None
     exports = out_dir / EXPORTS
     folder = exports / f"step-{step}"
     with atomic_dir(folder) as tmp:
         for name, writer, module in zip(names, writers, trained):
             (tmp / name).mkdir()
-            writer(module, tokenizer, tmp / name, dtype)
+            writer(module, tokenizer, tmp / name, dtype, adapters_only=adapters_only)
     for name in names:  # fixed links, dangling until the first ``current`` exists
         link = out_dir / name
         if not link.is_symlink():

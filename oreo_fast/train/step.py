@@ -18,6 +18,7 @@ from torch import nn
 
 from oreo_fast.models import ValueModel, check_folders_same_vocabulary, load_model
 from oreo_fast.ops import masked_sequence_mean
+from oreo_fast.train.lora import add_lora, lora_roles
 from oreo_fast.train.parallelize import (HiddenStates, PolicyWithLoss, Values,
                                          gathered_reference_head, mixed_precision, shard,
                                          shard_frozen_reference)
@@ -134,7 +135,10 @@ def build_step(cfg, policy_init: Path | str, value_init: Path | str, load_kwargs
     """Load the models ``cfg.algorithm`` needs onto ``load_kwargs["device"]`` (in
     ``load_kwargs``' master dtype; the frozen reference directly in ``compute_dtype``) and
     wrap them in that algorithm's step."""
+    roles = lora_roles(cfg.lora)
     policy = load_model(policy_init, **load_kwargs)
+    if "policy" in roles:
+        add_lora(policy, cfg, policy_init)
     if cfg.algorithm == "rft":
         step = RftStep(cfg, policy)
         backbones = [policy]
@@ -143,6 +147,8 @@ def build_step(cfg, policy_init: Path | str, value_init: Path | str, load_kwargs
                                                                 "dtype": compute_dtype})
         reference.requires_grad_(False)
         value = load_model(value_init, value=True, **load_kwargs)
+        if "value" in roles:
+            add_lora(value.backbone, cfg, value_init)  # the scalar head stays trained
         check_folders_same_vocabulary({
             "policy": (Path(cfg.policy), policy.config),
             "reference": (Path(cfg.reference or cfg.policy), reference.config),

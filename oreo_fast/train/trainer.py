@@ -26,6 +26,7 @@ from oreo_fast.tokenizer import load_tokenizer
 from oreo_fast.train import guard
 from oreo_fast.train.checkpoint import Checkpointer, check_run_inputs
 from oreo_fast.train.export import export_models
+from oreo_fast.train.lora import trainable
 from oreo_fast.train.config import TrainConfig, load_train_config, save_config
 from oreo_fast.train.data import (collate_examples, plan_global_batches, rank_micro_batches,
                                   read_training_examples)
@@ -66,7 +67,8 @@ class Trainer:
         self.optimizers = []
         for module, lr in zip(trained, lrs):
             module.train()
-            self.optimizers.append(torch.optim.AdamW(module.parameters(), lr=lr,
+            # LoRA: the adapters (and the value head) only; else every parameter
+            self.optimizers.append(torch.optim.AdamW(trainable(module), lr=lr,
                                                      betas=tuple(cfg.adam_betas),
                                                      weight_decay=cfg.weight_decay))
         examples, self.dropped = read_training_examples(
@@ -112,7 +114,7 @@ class Trainer:
                 totals[k] = totals.get(k, 0) + v.float()
         norms = []
         for module in trained:
-            norm = torch.nn.utils.clip_grad_norm_(module.parameters(), cfg.grad_clip or float("inf"))
+            norm = torch.nn.utils.clip_grad_norm_(trainable(module), cfg.grad_clip or float("inf"))
             norms.append((norm.full_tensor() if hasattr(norm, "full_tensor") else norm).float())
         norms = torch.stack(norms).to(self.device)
         # non-finite guard, on device: this rank's loss and the (global) gradient norms
@@ -214,7 +216,8 @@ class Trainer:
         self.checkpointer.check_finite(trained, self.optimizers, step, f"the models in {out_dir}")
         dtype = {"auto": self.runtime.compute_dtype, "float32": torch.float32,
                  "bfloat16": torch.bfloat16}[self.config.export_dtype]
-        export_models(trained, self.tokenizer, out_dir, step, dtype, self.runtime.is_main)
+        export_models(trained, self.tokenizer, out_dir, step, dtype, self.runtime.is_main,
+                      adapters_only=self.config.lora_export == "adapter")
         if self.runtime.distributed:
             dist.barrier()
 

@@ -228,6 +228,32 @@ def test_response_fallback_only_when_the_response_does_not_fit(monkeypatch):
     assert calls == [1]
 
 
+@pytest.mark.parametrize("budget_rows", [64, 11])
+def test_frozen_lm_head_gets_no_weight_gradient(monkeypatch, budget_rows):
+    """A frozen LM head (LoRA training): the same losses and hidden / value gradients, and
+    no weight gradient computed at all, on the gradient-in-forward path (64 rows) and the
+    two-pass fallback (11 rows: the 12-action response does not fit)."""
+    from oreo_fast.ops import fused_linear
+
+    args, _ = batch()
+    S = state_mask_for_level(args["action_mask"], "response")
+    kw = dict(KW, level="response")
+    want = expected(args, S, **kw)
+    args["weight"] = args["weight"].detach()  # requires no gradient
+
+    def refuse(*_):
+        raise AssertionError("weight gradient computed for a frozen LM head")
+
+    monkeypatch.setattr(gif, "accumulate_weight_grad", refuse)
+    monkeypatch.setattr(fused_linear, "accumulate_weight_grad", refuse)
+    out = gif.oreo_loss_fused_linear_gif(**args, state_mask=S, impl="torch",
+                                         chunk_budget_bytes=budget_rows * 37 * 8, **kw)
+    grads = torch.autograd.grad(GV * out.value_loss + GP * out.policy_loss,
+                                [args["hidden"], args["values"]])
+    fields = torch.stack([x.detach().double() for x in out])
+    assert_match((fields, grads), (want[0], (want[1][0], want[1][2])))
+
+
 def test_value_loss_only_and_detached_values():
     """Only one loss in the backward (the other's grad_output is None); values without grad."""
     args, step_start = batch()

@@ -284,7 +284,7 @@ def test_failed_final_save_leaves_no_partial_model(tiny, tmp_path, monkeypatch):
     because the pair is committed together."""
     root, _, _ = tiny
 
-    def fail(root_module, tokenizer, out, dtype):
+    def fail(root_module, tokenizer, out, dtype, **_):
         if out is not None:
             (out / "model.safetensors").write_bytes(b"half")
         raise OSError(errno.ENOSPC, "No space left on device")
@@ -306,10 +306,10 @@ def test_a_failed_export_keeps_the_previous_pair(tiny, tmp_path, monkeypatch):  
     trainer = Trainer(_config(root, output_dir=str(out), epochs=2, export_every=1))
     snapshots = {}
 
-    def fail_at_3(root_module, tokenizer, folder, dtype):
+    def fail_at_3(root_module, tokenizer, folder, dtype, **kw):
         if trainer.progress.step == 3:
             raise OSError(errno.ENOSPC, "No space left on device")
-        real(root_module, tokenizer, folder, dtype)
+        real(root_module, tokenizer, folder, dtype, **kw)
 
     monkeypatch.setattr(export, "write_value", fail_at_3)
     monkeypatch.setattr(guard, "inject", lambda step, rank: snapshots.update(
