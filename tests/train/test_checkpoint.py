@@ -84,18 +84,23 @@ def one_process_run(tiny, tmp_path_factory):  # noqa: F811
 
 @pytest.mark.slow
 def test_two_processes_resume_with_one(tiny, one_process_run, tmp_path):  # noqa: F811
-    """2 processes (FSDP shards) save step-3; 1 process without a process group resumes:
-    the state loads exactly, the data goes on with batch 4 of the global order, and the end
-    matches the uninterrupted run to float32 reduction order."""
+    """2 processes (FSDP shards) save step-3 asynchronously, which holds their live state
+    exactly; 1 process without a process group resumes: the state loads exactly, the data
+    goes on with batch 4 of the global order, and the end matches the uninterrupted run to
+    float32 summation order."""
     root, _, _ = tiny
     rows_full, (pol_full, val_full), batches = one_process_run
     out = tmp_path / "run"
-    _torchrun_ok(root, out, "save_every=3", "max_steps=3")
+    # async: each rank's DTensor shards staged on the host (stage_on_host) and written
+    _torchrun_ok(root, out, "save_every=3", "max_steps=3", "async_save=true")
     manifest = json.loads((out / "checkpoints" / "step-3" / "manifest.json").read_text())
     assert manifest["world_size"] == 2 and manifest["progress"]["step"] == 3
     assert sorted(p.name for p in (out / "checkpoints" / "step-3").iterdir()) == [
         ".metadata", "__0_0.distcp", "__1_0.distcp", "manifest.json"]
     saved = checkpoint.read_checkpoint_tensors(out / "checkpoints" / "step-3")
+    pol, val = _final(out)  # the live models at step 3, exported at the end of that run
+    assert all(torch.equal(v, saved[f"policy.model.{k}"]) for k, v in pol.items())
+    assert all(torch.equal(v, saved[f"value.value_model.{k}"]) for k, v in val.items())
     trainer = _in_process(root, out, resume=True, export_dtype="float32")
     mine = _trainer_tensors(trainer)
     assert len(mine) > 30 and all(torch.equal(mine[k], saved[k]) for k in mine)  # resharded
