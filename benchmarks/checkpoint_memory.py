@@ -1,15 +1,20 @@
 """Host memory of one sharded checkpoint save (issue 16): a Qwen2.5-1.5B-like random model
-(the real widths and vocabulary, 2 decoder layers; config built here, nothing downloaded) as
-policy and value, FSDP2 over 2 gloo processes, AdamW states initialised, then
-``Checkpointer.save`` (synchronous, then ``async_save``). Each rank measures its peak RSS
-during the save (VmHWM after resetting it through /proc/self/clear_refs) above its RSS
-before, and compares it with its shard of the training state (parameters + Adam moments).
+(the real widths, vocabulary 151936 unless ``--vocab``, 2 decoder layers unless
+``--layers``; config built here, nothing downloaded) as policy and value, FSDP2 over 2 gloo
+processes, AdamW states initialised, then ``Checkpointer.save`` (synchronous, then
+``async_save``). Before each save the heap is trimmed (malloc_trim), so the RSS before it
+is the live state; each rank then measures its peak RSS (VmHWM after resetting it through
+/proc/self/clear_refs) above that, until ``save`` returned (an async save has staged its
+host copy by then) and until the files are written, and compares it with its shard of the
+training state (parameters + Adam moments).
 
-    python benchmarks/checkpoint_memory.py [--out DIR] [--layers 2]
+    python benchmarks/checkpoint_memory.py [--out DIR] [--layers 2] [--vocab 151936]
+        [--modes sync,async]
 
-writes benchmarks/results/checkpoint_memory_cpu_<date>.json. The target: the save's extra
-peak <= 1.2x one rank's shard (the async save stages a host copy of the shard by design,
-so its extra is about 1x)."""
+writes benchmarks/results/checkpoint_memory_cpu_l<layers>[_v<vocab>]_<modes>_<date>.json.
+The target: the save's extra peak <= 1.2x one rank's shard. An async save needs a host copy
+of the shard by construction (training goes on changing the live one), so its extra is at
+least 1x."""
 from __future__ import annotations
 
 import argparse
@@ -79,13 +84,6 @@ def worker(args) -> None:
     from oreo_fast.train.parallelize import PolicyWithLoss, Values, mixed_precision, shard
 
     torch.set_num_threads(1)
-    if args.staging == "dcp":  # DCP's own staging of an async save, for comparison
-        from torch.distributed.checkpoint.staging import BlockingAsyncStager
-
-        from oreo_fast.train import checkpoint
-
-        checkpoint.stage_on_host = lambda state: state
-        checkpoint.AlreadyStaged = BlockingAsyncStager
     runtime = set_up("float32", 600)
     config = qwen25_15b_like(args.layers, args.vocab)
     with torch.device("meta"):  # only the shards are ever materialised
@@ -155,10 +153,7 @@ def main() -> None:
                         help="vocabulary size (151936 as Qwen2.5; lower it to fit a small host)")
     parser.add_argument("--out", default=None, help="scratch folder for the checkpoints")
     parser.add_argument("--modes", default="sync,async",
-                        help="sync, async or both (async stages a host copy: ~2x the state)")
-    parser.add_argument("--staging", choices=("oreo", "dcp"), default="oreo",
-                        help="async staging: the trainer's (one tensor at a time) or DCP's "
-                             "default (deep copy, then a fresh tensor), for comparison")
+                        help="sync, async or both (async stages a host copy of the shard: ~1x more)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -170,7 +165,7 @@ def main() -> None:
                "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={args.nproc}",
                f"--master_port={_free_port()}", __file__, "--worker", "--out", scratch,
-               "--layers", str(args.layers), "--vocab", str(args.vocab), "--modes", args.modes, "--staging", args.staging]
+               "--layers", str(args.layers), "--vocab", str(args.vocab), "--modes", args.modes]
         subprocess.run(cmd, env=env, check=True, cwd=ROOT)
         ranks = [json.loads(Path(scratch, f"rank{r}.json").read_text())
                  for r in range(args.nproc)]
@@ -184,15 +179,14 @@ def main() -> None:
                       "vocab_size", "hidden_size", "intermediate_size", "num_attention_heads",
                       "num_key_value_heads", "tie_word_embeddings")}},
         "trained": "policy + value (FSDP2, fp32 master weights) with AdamW states",
-        "processes": args.nproc, "async_staging": args.staging, "ranks": ranks,
+        "processes": args.nproc, "ranks": ranks,
         "worst_extra_peak_over_shard": worst,
         "target_extra_peak_at_most_1.2x_shard": {m: w <= 1.2 for m, w in worst.items()},
         "command": "python benchmarks/checkpoint_memory.py " + " ".join(sys.argv[1:]),
         "environment": environment(torch.device("cpu")),
     }
     vocab_tag = "" if args.vocab == 151936 else f"_v{args.vocab}"
-    staging_tag = "" if args.staging == "oreo" else f"_{args.staging}-staging"
-    path = ROOT / "benchmarks" / "results" / f"checkpoint_memory_cpu_l{args.layers}{vocab_tag}_{'-'.join(modes)}{staging_tag}_{result['date']}.json"
+    path = ROOT / "benchmarks" / "results" / f"checkpoint_memory_cpu_l{args.layers}{vocab_tag}_{'-'.join(modes)}_{result['date']}.json"
     path.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps({"worst_extra_peak_over_shard": worst,
                       "shard_gib": [r["shard_bytes"] / 2**30 for r in ranks]}, indent=1))
