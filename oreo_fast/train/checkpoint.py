@@ -129,6 +129,8 @@ def stage_on_host(state):
 
     if isinstance(state, dict):
         return {k: stage_on_host(v) for k, v in state.items()}
+    if isinstance(state, (list, tuple)):
+        return type(state)(stage_on_host(v) for v in state)
     if isinstance(state, DTensor):
         return DTensor.from_local(stage_on_host(state.to_local()), state.device_mesh,
                                   state.placements, run_check=False, shape=state.shape,

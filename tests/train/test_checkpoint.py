@@ -217,3 +217,18 @@ def test_export_dtype_and_formats(tiny, tmp_path):  # noqa: F811
     trainer.config.export_dtype = "auto"  # the compute dtype: float32 on CPU
     trainer.export(tmp_path / "fp32")
     assert load_policy(tmp_path / "fp32" / "policy", dtype=None).dtype == torch.float32
+
+
+def test_async_staging_copies_each_tensor_exactly_its_bytes():
+    """stage_on_host: a copy that later training steps do not reach, each tensor in a storage
+    of its own bytes only (a view of a larger buffer, as FSDP2's shards are, is not kept
+    whole), nested dicts and lists included."""
+    live = {"view": torch.arange(10.0)[2:7], "nested": {"list": [torch.ones(3), 5]},
+            "step": torch.tensor(3.0)}
+    staged = checkpoint.stage_on_host(live)
+    assert torch.equal(staged["view"], live["view"])
+    assert staged["view"].untyped_storage().nbytes() == 5 * 4
+    live["nested"]["list"][0].add_(1)
+    live["step"].add_(1)
+    assert torch.equal(staged["nested"]["list"][0], torch.ones(3))
+    assert staged["nested"]["list"][1] == 5 and staged["step"].item() == 3.0
