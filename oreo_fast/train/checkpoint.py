@@ -124,6 +124,47 @@ def restore_rng(tensors: dict[str, torch.Tensor]) -> None:
                      py_gauss if has_py_gauss else None))
 
 
+# ------------------------------------------------------------------ async staging
+
+
+def stage_on_host(state):
+    """A host copy of a DCP state dict, one tensor at a time, for an async save.
+
+    Each tensor (a DTensor's local shard) gets exactly its own bytes in a fresh contiguous
+    CPU tensor. DCP's default staging (``_create_cpu_state_dict``, torch 2.13) first
+    deep-copies a CPU DTensor whole, then replaces its local tensor with an empty one: a
+    second copy of every tensor's storage on the way (FSDP2's local shards are views of a
+    padded buffer, which the deep copy duplicates too)."""
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(state, dict):
+        return {k: stage_on_host(v) for k, v in state.items()}
+    if isinstance(state, (list, tuple)):
+        return type(state)(stage_on_host(v) for v in state)
+    if isinstance(state, DTensor):
+        return DTensor.from_local(stage_on_host(state.to_local()), state.device_mesh,
+                                  state.placements, run_check=False, shape=state.shape,
+                                  stride=state.stride())
+    if isinstance(state, torch.Tensor):
+        return torch.empty(state.shape, dtype=state.dtype, device="cpu").copy_(state)
+    return state
+
+
+class AlreadyStaged:
+    """DCP's AsyncStager protocol for a state dict ``stage_on_host`` has already copied."""
+
+    should_synchronize_after_execute = False
+
+    def stage(self, state_dict):
+        return state_dict
+
+    def synchronize_staging(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 # ------------------------------------------------------------------ the trainer's checkpointer
 
 
@@ -248,7 +289,8 @@ class Checkpointer:
                     "progress": asdict(progress), "lora": lora_settings(self.cfg)}
         writer = dcp.FileSystemWriter(str(folder), sync_files=True)
         if getattr(self.cfg, "async_save", False):
-            future = dcp.async_save(state, storage_writer=writer, **self._dcp_kwargs())
+            future = dcp.async_save(stage_on_host(state), storage_writer=writer,
+                                    async_stager=AlreadyStaged(), **self._dcp_kwargs())
             self._pending = (future, folder, manifest)
         else:
             dcp.save(state, storage_writer=writer, **self._dcp_kwargs())

@@ -7,6 +7,7 @@ import os
 import sys
 import threading
 import time
+import uuid
 from dataclasses import dataclass
 
 import torch
@@ -79,15 +80,59 @@ def set_up(dtype: str, collective_timeout_s: float, device: str = "auto") -> Run
 def init_process_group_per_attempt(backend: str, timeout: datetime.timedelta) -> None:
     """``init_process_group`` from torchrun's environment, each restart on keys of its own.
 
-    torchrun's default (static) rendezvous keeps one store across ``--max-restarts`` attempts,
-    and ``env://`` adds no per-attempt prefix (torch 2.13), so a restarted rank can read a
-    dead rank's gloo address or NCCL id from the previous attempt: "Connection refused".
+    torchrun keeps the workers' store across ``--max-restarts`` attempts (the static
+    rendezvous' store, or the c10d rendezvous' shared TCPStore, created once by the first
+    round's rank-0 agent), and ``env://`` adds no per-attempt prefix (torch 2.13), so a
+    restarted rank can read a dead rank's gloo address or NCCL id from the previous attempt:
+    "Connection refused". ``TORCHELASTIC_RESTART_COUNT`` cannot name the attempt on several
+    nodes: it counts this node's failures only, and a node whose workers are restarted
+    because another node rejoined counts none, so the nodes' prefixes differed and the new
+    group never met. The prefix is an attempt number agreed through the store instead.
     """
     store, rank, world_size = next(dist.rendezvous("env://", timeout=timeout))
-    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    attempt = agree_on_attempt(store, rank, world_size, timeout)
     store = dist.PrefixStore(f"oreo_fast/attempt_{attempt}", store)
     dist.init_process_group(backend, store=store, rank=rank, world_size=world_size,
                             timeout=timeout)
+
+
+def agree_on_attempt(store, rank: int, world_size: int, timeout: datetime.timedelta,
+                     poll_s: float = 0.02) -> int:
+    """A number every rank of this attempt returns and no earlier attempt on ``store`` used.
+
+    Rank 0 draws it from a counter in the store. Any key with a fixed name may still hold
+    an earlier attempt's value, so the others cannot simply read it: each rank posts a fresh
+    random token under its rank, rank 0 answers every token it sees under a key named by
+    the token (a stale token's answer is never read), and keeps answering until each rank
+    has acknowledged under the new number's own keys. Every worker of the earlier attempt
+    is dead before torchrun starts a new one, so nothing answers on its behalf.
+    """
+    deadline = time.monotonic() + timeout.total_seconds()
+    if rank == 0:
+        attempt = store.add("oreo_fast/attempts", 1)
+        answered: dict[int, bytes] = {}
+        waiting = set(range(1, world_size))
+        while waiting:
+            for r in sorted(waiting):
+                if store.check([f"oreo_fast/attempt_{attempt}/ack_{r}"]):
+                    waiting.discard(r)
+                elif store.check([f"oreo_fast/token_{r}"]):
+                    token = store.get(f"oreo_fast/token_{r}")
+                    if answered.get(r) != token:
+                        store.set(f"oreo_fast/answer_{token.decode()}", str(attempt))
+                        answered[r] = token
+            if waiting and time.monotonic() > deadline:
+                raise TimeoutError(f"ranks {sorted(waiting)} did not join attempt {attempt} "
+                                   f"within {timeout}")
+            if waiting:
+                time.sleep(poll_s)
+        return attempt
+    token = uuid.uuid4().hex
+    store.set(f"oreo_fast/token_{rank}", token)
+    store.wait([f"oreo_fast/answer_{token}"], timeout)
+    attempt = int(store.get(f"oreo_fast/answer_{token}"))
+    store.set(f"oreo_fast/attempt_{attempt}/ack_{rank}", "1")
+    return attempt
 
 
 def exit_with_launcher(poll_s: float = 0.1) -> None:
