@@ -115,7 +115,7 @@ def worker(args) -> None:
     results = {}
     for mode in args.modes.split(","):
         cfg = SimpleNamespace(resume=False, async_save=mode == "async", save_every=1,
-                              keep_checkpoints=1)
+                              keep_checkpoints=1, lora="none")
         checkpointer = Checkpointer(cfg, Path(args.out) / mode, runtime)
         _trim_heap()
         dist.barrier()
