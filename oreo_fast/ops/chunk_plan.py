@@ -9,16 +9,20 @@ import torch
 from oreo_fast.kernels import compute_dtype
 from oreo_fast.ops.validation import check_bellman_arguments, check_bellman_masks, masks_on_host
 
-# bytes of one chunk's policy logits in the compute dtype (the working set is about four
-# times that: reference log-softmax, log p - log q, p). By default a chunk also has at least
-# DEFAULT_MIN_ROWS rows, so that the matmuls stay efficient when the vocabulary is large (a
-# Qwen2.5 head at 8 MiB would give 13-row matmuls that re-read the whole LM head 157 times
-# for 2048 tokens). 8 MiB (65 rows at V=32000): the best of 4, 8, 16 and 32 MiB in single
-# runs on the loaded 2-core CPU at N=4096, V=32000, H=256, 1 thread; the 64-row minimum is
-# not tuned (at the Qwen head, H=1536, larger chunks may pay: the weights are re-read per
-# chunk). On GPU 256 MiB as ops.default_chunk_rows.
+# bytes of one chunk's policy logits in the compute dtype (the torch path's working set is
+# about three times that: reference log-softmax, log p - log q, p; rows_stats_torch frees the
+# logits as it goes). By default a chunk also has at least DEFAULT_MIN_ROWS rows, so that the
+# matmuls stay efficient when the vocabulary is large: each chunk re-reads the LM head and
+# adds its rows into the V x H weight gradient, a pass over both that is memory-bound when
+# the chunk is short. 128 rows, measured on the 2-core AMD EPYC, quiet, forward + backward
+# (2026-11-29): at the Qwen2.5-1.5B head (N=2048, V=151936, H=1536), 2 threads, 64 / 96 /
+# 128 / 160 / 256 rows took 29.3 / 28.4 / 25.0 / 24.8 / 23.1 s against the paper recipe's
+# 24.5-25.3 s, with an extra peak of 1,061 MB at 64 rows and 1,209 MB at 128 (0.145x the
+# recipe's 8,319 MB; the target is 0.15x); at N=4096, V=32000, H=256, 65 / 128 / 256 rows
+# took 3.52 / 3.35 / 3.43 s at 1 thread and 2.17 / 2.02 / 2.15 s at 2. On GPU 256 MiB as
+# ops.default_chunk_rows.
 DEFAULT_BUDGET_BYTES = {"cpu": 8 * 2**20, "cuda": 256 * 2**20}
-DEFAULT_MIN_ROWS = 64
+DEFAULT_MIN_ROWS = 128
 
 
 class ChunkPlan:

@@ -125,17 +125,20 @@ class _Walk:
     def chunk_rows(self, start, stop):
         return tuple(x[start:stop] for x in self.rows)
 
-    def step(self, start, stop, rows, z, r, actions, z_rows=None, r_rows=None, out=None,
-             out_rows=None):
-        """One chunk: statistics, coefficients and dlogits (into ``out`` at ``out_rows`` for
-        triton, default z itself; a new tensor for torch)."""
+    def step(self, start, stop, rows, logits: list, actions, z_rows=None, r_rows=None,
+             out=None, out_rows=None):
+        """One chunk of ``logits = [z, r]``: statistics, coefficients and dlogits (into
+        ``out`` at ``out_rows`` for triton, default z itself; a new tensor for torch, which
+        empties ``logits`` to free each buffer early: rows_stats_torch)."""
+        z_dtype = logits[0].dtype
         if self.impl == "triton":
             from oreo_fast.kernels.oreo_grad_in_forward import row_grad_, row_stats
 
+            z, r = logits
             logp, ref_logp, lse, ref_lse, kl = row_stats(z, r, actions, self.full_kl,
                                                          self.block_v, z_rows, r_rows)
         else:
-            logp, ref_logp, kl, buffers = rows_stats_torch(z, r, actions, self.full_kl)
+            logp, ref_logp, kl, buffers = rows_stats_torch(logits, actions, self.full_kl)
         c, w = _chunk_coefficients(logp, ref_logp, rows, self.carry, self.values,
                                    self.rewards, self.inv_states, self.inv_actions, self.beta,
                                    self.kl_coef, self.kl_estimator, start)
@@ -144,7 +147,7 @@ class _Walk:
         if self.impl == "triton":
             return row_grad_(z, r, actions, lse, ref_lse, kl, c, w, self.full_kl, self.block_v,
                              z_rows, r_rows, out, out_rows)
-        return rows_grad_torch(buffers, actions, kl, c, w).to(z.dtype)
+        return rows_grad_torch(buffers, actions, kl, c, w).to(z_dtype)
 
     def dense(self, B, T):
         """The per-row outputs scattered back to [B, T] (zeros where masked out)."""
@@ -209,10 +212,9 @@ class _HiddenGradInForward(torch.autograd.Function):
             rows = walk.chunk_rows(start, stop)
             b, t = rows[0], rows[1]
             h = hidden[b, t]
-            z = h @ weight.t()
-            r = ref_hidden[b, t] @ ref_weight.t()
-            grad_z = walk.step(start, stop, rows, z, r, actions[b, t])
-            del z, r
+            # the list is the logits' only holder: the torch path frees each buffer early
+            grad_z = walk.step(start, stop, rows, [h @ weight.t(), ref_hidden[b, t] @
+                                                   ref_weight.t()], actions[b, t])
             grad_hidden[b, t] = grad_z @ weight
             if grad_weight is not None:
                 accumulate_weight_grad(grad_weight, grad_z, h)
@@ -250,11 +252,11 @@ class _LogitsGradInForward(torch.autograd.Function):
             rows = walk.chunk_rows(start, stop)
             b, t = rows[0], rows[1]
             if impl == "triton":  # the kernels read and write the rows where they lie
-                walk.step(start, stop, rows, logits, ref_logits, actions[b, t],
+                walk.step(start, stop, rows, [logits, ref_logits], actions[b, t],
                           _row_offsets(logits, b, t), _row_offsets(ref_logits, b, t),
                           grad, _row_offsets(grad, b, t))
             else:  # the rows are gathered (copied) before the gradient is written back
-                grad[b, t] = walk.step(start, stop, rows, logits[b, t], ref_logits[b, t],
+                grad[b, t] = walk.step(start, stop, rows, [logits[b, t], ref_logits[b, t]],
                                        actions[b, t])
         ctx.grad_logits = grad
         return _finish(ctx, walk, values, rewards, m, S, denominator,

@@ -68,14 +68,19 @@ def rows_backward_torch(z, r, actions, lse, ref_lse, kl, grad_logp, grad_kl):
     return grad
 
 
-def rows_stats_torch(z, r, actions, full_kl: bool):
-    """Per row: (logp, ref_logp, kl, state) of [n, V] logits, and the [n, V] buffers the
-    gradient needs: full KL (p, log p - log q), k3 (p, None). -inf logits are allowed."""
-    dtype = reference.compute_dtype(z.dtype)
+def rows_stats_torch(logits: list, actions, full_kl: bool):
+    """Per row: (logp, ref_logp, kl, state) of [n, V] logits ``logits = [z, r]``, and the
+    [n, V] buffers the gradient needs: full KL (p, log p - log q), k3 (p, None). -inf logits
+    are allowed.
+
+    ``logits`` is emptied as it is read: once its log-softmax exists a logits buffer is not
+    needed, so a caller that keeps no other reference frees each one then, and the chunk's
+    working set peaks at three [n, V] buffers instead of five."""
+    dtype = reference.compute_dtype(logits[0].dtype)
     index = actions.unsqueeze(-1)
-    log_q = torch.log_softmax(r, dim=-1, dtype=dtype)
+    log_q = torch.log_softmax(logits.pop(), dim=-1, dtype=dtype)
     ref_logp = log_q.gather(-1, index).squeeze(-1)
-    log_p = torch.log_softmax(z, dim=-1, dtype=dtype)
+    log_p = torch.log_softmax(logits.pop(), dim=-1, dtype=dtype)
     logp = log_p.gather(-1, index).squeeze(-1)
     if not full_kl:
         return logp, ref_logp, torch.zeros_like(logp), (log_p.exp_(), None)

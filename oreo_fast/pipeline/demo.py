@@ -5,6 +5,12 @@ split of fresh problems (in neither train nor test, used to choose the demo's kn
 baseline (RFT: SFT on the reward-1 samples) and OREO trained on those same trajectories
 (OREO launched through torchrun); greedy accuracy of SFT, RFT and OREO on the held-out test
 problems, printed as a table and written to ``results.json`` with a bar chart.
+
+With ``seeds`` > 1 the stages after SFT run once per seed: the sampling seed and the trainers'
+data-order seed are both the seed number, so each seed has its own trajectories, RFT and OREO
+from the one SFT checkpoint. Seed 0 keeps the single-seed layout (``out/trajectories.jsonl``,
+``out/rft``, ``out/oreo``); seed s writes under ``out/seed-s``. Accuracies are means over seeds,
+and the paired differences' intervals resample problems and seeds (``pipeline.stats``).
 """
 from __future__ import annotations
 
@@ -49,11 +55,14 @@ class DemoConfig:
     device: str = "auto"  # every stage: "auto" (CUDA when present), cpu, cuda
     dtype: str = "auto"  # sampling, eval and search ("auto": bf16 on CUDA, fp32 on CPU)
     reuse: bool = False  # keep finished stages of an earlier run in out
+    seeds: int = 1  # sampling + RFT/OREO data-order seeds, each from the same SFT model
+    sweep_problems: int = 100  # beam-width sweep (seed 0 only) on this many test problems
     oreo_overrides: list[str] = field(default_factory=lambda: list(OREO_OVERRIDES))
     rft_overrides: list[str] = field(default_factory=lambda: list(RFT_OVERRIDES))
 
     def __post_init__(self):
-        require_at_least(self, 1, "samples_per_problem", "n_val", "nproc", "threads")
+        require_at_least(self, 1, "samples_per_problem", "n_val", "nproc", "threads", "seeds",
+                         "sweep_problems")
         check_device_and_dtype(self)
 
 
@@ -65,10 +74,10 @@ DEMO_SWEEP_BEAMS = (1, 3, 5, 7)  # the paper's Figure 3
 
 
 def demo_beam_search(run_dir, test_file, val_file, sweep_limit: int | None = None,
-                     device: str = "auto", dtype: str = "auto") -> dict:
+                     device: str = "auto", dtype: str = "auto", sweep: bool = True) -> dict:
     """The demo's "oreo_beam" stage: value-guided beam search with the OREO policy and value
-    model in ``run_dir`` on the test and validation problems, and a sweep over B (K fixed)
-    on the first ``sweep_limit`` test problems (all when None)."""
+    model in ``run_dir`` on the test and validation problems, and (``sweep``) a sweep over B
+    (K fixed) on the first ``sweep_limit`` test problems (all when None)."""
     run_dir = Path(run_dir)
     tokenizer = load_tokenizer(run_dir / "policy")
     policy = load_model(run_dir / "policy", device=device, dtype=dtype)
@@ -86,6 +95,8 @@ def demo_beam_search(run_dir, test_file, val_file, sweep_limit: int | None = Non
         out[f"{name}_value_diagnostics"] = res["value_diagnostics"]
         out[f"{name}_tokens"] = {k: res[k] for k in ("policy_tokens", "value_tokens",
                                                      "seconds")}
+    if not sweep:
+        return out
     sweep_problems = split["test"][:sweep_limit] if sweep_limit else split["test"]
     sweep = {}
     for beams in DEMO_SWEEP_BEAMS:
@@ -124,10 +135,78 @@ def _stage(name: str, done: Path, reuse: bool, times: dict, fn):
     print(f"[demo] {name} done in {times[name]:.0f}s", flush=True)
 
 
-def run_demo(config: DemoConfig) -> dict:
-    from oreo_fast.pipeline.embedded import EmbeddedConfig, build_default
+@dataclass
+class SeedResult:
+    """One seed's figures: accuracy and validation accuracy per method, the test outcomes
+    per problem (``correct[method][problem]``) and OREO's beam-search report."""
+    accuracy: dict
+    val_accuracy: dict
+    correct: dict
+    beam: dict
+
+
+def run_seed(config: DemoConfig, out: Path, seed: int, times: dict) -> SeedResult:
+    """Sampling, RFT, OREO, their greedy evaluation and OREO's beam search for one seed (the
+    sampling seed and the trainers' data-order seed), all from ``out/sft``; seed 0 also
+    evaluates SFT, which does not depend on it. Seed 0 writes in ``out`` itself (the
+    single-seed layout), seed s in ``out/seed-s``."""
     from oreo_fast.pipeline.evaluate import EvalConfig, run_eval
     from oreo_fast.pipeline.sample import SampleConfig, run_sample
+
+    default, on = out / "default", dict(device=config.device, dtype=config.dtype)
+    train, val, test = default / "train.jsonl", default / "val.jsonl", default / "test.jsonl"
+    run = out if seed == 0 else out / f"seed-{seed}"
+    tag = "" if seed == 0 else f" (seed {seed})"
+    trajectories = run / "trajectories.jsonl"
+    _stage("sample" + tag, trajectories, config.reuse, times, lambda: run_sample(SampleConfig(
+        model=str(out / "sft"), problems=str(train), out=str(trajectories),
+        k=config.samples_per_problem, max_new_tokens=EMBEDDED_MAX_NEW_TOKENS, seed=seed,
+        **on)))
+    common = [f"policy={out / 'sft'}", f"train_file={trajectories}", f"seed={seed}",
+              f"device={resolve_device(config.device).type}"]
+    _stage("rft" + tag, run / "rft" / "policy" / "config.json", config.reuse, times,
+           lambda: launch_training(common + ["algorithm=rft", f"output_dir={run / 'rft'}",
+                                             *config.rft_overrides],
+                                   1, run / "rft.log", config.threads))
+    _stage("oreo" + tag, run / "oreo" / "policy" / "config.json", config.reuse, times,
+           lambda: launch_training(common + [f"output_dir={run / 'oreo'}", *config.oreo_overrides],
+                                   config.nproc, run / "oreo.log", config.threads))
+
+    models = {"rft": run / "rft" / "policy", "oreo": run / "oreo" / "policy"}
+    if seed == 0:
+        models = {"sft": out / "sft", **models}
+    result = SeedResult({}, {}, {}, {})
+    t0 = time.time()
+    for name, path in models.items():
+        for split, target, store in (("test", test, result.accuracy),
+                                     ("val", val, result.val_accuracy)):
+            report = run_eval(EvalConfig(model=str(path), problems=str(target), n_samples=0,
+                                         max_new_tokens=EMBEDDED_MAX_NEW_TOKENS,
+                                         out=str(run / f"eval_{name}_{split}.json"), **on))
+            store[name] = report["greedy_accuracy"]
+            if split == "test":
+                result.correct[name] = report["greedy_correct"]
+    times["eval" + tag] = round(time.time() - t0, 1)
+    t0 = time.time()  # oreo_beam: value-guided beam search with OREO's policy and value
+    beam = demo_beam_search(run / "oreo", test, val, sweep_limit=config.sweep_problems,
+                            sweep=seed == 0, **on)  # the B sweep once, on seed 0
+    result.accuracy["oreo_beam"], result.val_accuracy["oreo_beam"] = beam["test"], beam["val"]
+    result.correct["oreo_beam"] = beam.pop("test_correct")
+    beam.pop("val_correct")
+    result.beam = beam
+    times["oreo_beam" + tag] = round(time.time() - t0, 1)
+    print(f"[demo] oreo_beam{tag} (B={beam['config']['beams']}, K={beam['config']['candidates']})"
+          f" test {beam['test']:.3f}"
+          + (f", by B: {beam['sweep']['accuracy_by_beams']}" if "sweep" in beam else ""),
+          flush=True)
+    return result
+
+
+METHODS = ("sft", "rft", "oreo", "oreo_beam")
+
+
+def run_demo(config: DemoConfig) -> dict:
+    from oreo_fast.pipeline.embedded import EmbeddedConfig, build_default
     from oreo_fast.pipeline.sft import SFTConfig, run_sft
 
     out = Path(config.out)
@@ -140,53 +219,27 @@ def run_demo(config: DemoConfig) -> dict:
         write_jsonl(default / "val.jsonl", validation_problems(default, config.n_val))
 
     _stage("embedded default", default / "val.jsonl", config.reuse, times, build)
-    train, val, test = default / "train.jsonl", default / "val.jsonl", default / "test.jsonl"
-    on = dict(device=config.device, dtype=config.dtype)
     _stage("sft", out / "sft" / "config.json", config.reuse, times, lambda: run_sft(
-        SFTConfig(model=str(default / "model"), train=str(train), out=str(out / "sft"),
-                  **EMBEDDED_SFT, **on)))
-    trajectories = out / "trajectories.jsonl"
-    _stage("sample", trajectories, config.reuse, times, lambda: run_sample(SampleConfig(
-        model=str(out / "sft"), problems=str(train), out=str(trajectories),
-        k=config.samples_per_problem, max_new_tokens=EMBEDDED_MAX_NEW_TOKENS, **on)))
-    common = [f"policy={out / 'sft'}", f"train_file={trajectories}",
-              f"device={resolve_device(config.device).type}"]
-    _stage("rft", out / "rft" / "policy" / "config.json", config.reuse, times,
-           lambda: launch_training(common + ["algorithm=rft", f"output_dir={out / 'rft'}",
-                                             *config.rft_overrides],
-                                   1, out / "rft.log", config.threads))
-    _stage("oreo", out / "oreo" / "policy" / "config.json", config.reuse, times,
-           lambda: launch_training(common + [f"output_dir={out / 'oreo'}", *config.oreo_overrides],
-                                   config.nproc, out / "oreo.log", config.threads))
+        SFTConfig(model=str(default / "model"), train=str(default / "train.jsonl"),
+                  out=str(out / "sft"), **EMBEDDED_SFT, device=config.device,
+                  dtype=config.dtype)))
+    seeds = [run_seed(config, out, seed, times) for seed in range(config.seeds)]
 
-    models = {"sft": out / "sft", "rft": out / "rft" / "policy", "oreo": out / "oreo" / "policy"}
-    accuracy, val_accuracy, test_correct = {}, {}, {}
-    t0 = time.time()
-    for name, path in models.items():
-        for split, target, store in (("test", test, accuracy), ("val", val, val_accuracy)):
-            report = run_eval(EvalConfig(model=str(path), problems=str(target), n_samples=0,
-                                         max_new_tokens=EMBEDDED_MAX_NEW_TOKENS,
-                                         out=str(out / f"eval_{name}_{split}.json"), **on))
-            store[name] = report["greedy_accuracy"]
-            if split == "test":
-                n_problems = report["n_problems"]
-                test_correct[name] = report["greedy_correct"]
-    times["eval"] = round(time.time() - t0, 1)
-    t0 = time.time()  # oreo_beam: value-guided beam search with OREO's policy and value
-    beam = demo_beam_search(out / "oreo", test, val, sweep_limit=100,  # sweep: 100 problems
-                            **on)
-    accuracy["oreo_beam"], val_accuracy["oreo_beam"] = beam["test"], beam["val"]
-    test_correct["oreo_beam"] = beam.pop("test_correct")
-    beam.pop("val_correct")
-    times["oreo_beam"] = round(time.time() - t0, 1)
-    print(f"[demo] oreo_beam (B={beam['config']['beams']}, K={beam['config']['candidates']}) "
-          f"test {beam['test']:.3f}, by B: {beam['sweep']['accuracy_by_beams']}", flush=True)
+    def over_seeds(field: str) -> dict:  # method -> [value of each seed that has it]
+        return {m: [getattr(r, field)[m] for r in seeds if m in getattr(r, field)]
+                for m in METHODS}
+
+    per_seed, outcomes = over_seeds("accuracy"), over_seeds("correct")
+    accuracy = {m: sum(v) / len(v) for m, v in per_seed.items()}
+    val_accuracy = {m: sum(v) / len(v) for m, v in over_seeds("val_accuracy").items()}
+    beam = {**seeds[0].beam, "per_seed_test": per_seed["oreo_beam"]}
     import torch
     import transformers
 
-    results = {**accuracy, "n_problems": n_problems, "split": "test (held out)",
+    results = {**accuracy, "n_problems": len(outcomes["sft"][0]), "split": "test (held out)",
+               "seeds": config.seeds, "per_seed": per_seed,
                "validation": val_accuracy, "oreo_beam_search": beam,
-               **uncertainty(test_correct),
+               **uncertainty(outcomes),
                "samples_per_problem": config.samples_per_problem,
                "seconds": times, "oreo_overrides": config.oreo_overrides,
                "rft_overrides": config.rft_overrides, "nproc": config.nproc,
@@ -202,13 +255,14 @@ def run_demo(config: DemoConfig) -> dict:
 PAIRED = (("oreo", "rft"), ("oreo", "sft"), ("rft", "sft"), ("oreo_beam", "oreo"))
 
 
-def uncertainty(correct: dict[str, list[int]]) -> dict:
-    """Per method (one seed), the standard error of its test accuracy; per pair in
-    ``PAIRED``, the paired difference with a 95% bootstrap interval over problems."""
-    summaries = {name: summarize([c]) for name, c in correct.items()}
+def uncertainty(correct: dict[str, list[list[int]]]) -> dict:
+    """``correct[method][seed][problem]``: per method, the standard error of its mean test
+    accuracy (``stats.summarize``: over problems and seeds); per pair in ``PAIRED``, the
+    paired difference with a 95% bootstrap interval over problems and seeds."""
+    summaries = {name: summarize(c) for name, c in correct.items()}
     return {
         "standard_errors": {name: s.se for name, s in summaries.items()},
-        "paired_differences": {f"{a} - {b}": paired_difference([correct[a]], [correct[b]])
+        "paired_differences": {f"{a} - {b}": paired_difference(correct[a], correct[b])
                                for a, b in PAIRED if a in correct and b in correct},
     }
 
@@ -241,7 +295,10 @@ def format_table(results: dict) -> str:
         verdict = "excludes 0" if d["excludes_zero"] else "includes 0"
         lines.append(f"{pair}: {d['difference']:+.3f}, 95% interval [{d['low']:+.3f}, "
                      f"{d['high']:+.3f}] ({verdict})")
-    return "\n".join(lines) + f"\n({results['n_problems']} held-out test problems, one seed)"
+    seeds = results.get("seeds", 1)
+    return "\n".join(lines) + (f"\n({results['n_problems']} held-out test problems, "
+                               + ("one seed)" if seeds == 1 else
+                                  f"{seeds} seeds of sampling, RFT and OREO; one SFT)"))
 
 
 def _bar_chart(accuracy: dict, path: Path) -> None:

@@ -18,21 +18,26 @@ import numpy as np
 class Summary:
     per_seed: list[float]  # accuracy of each seed
     mean: float  # mean over seeds
-    se: float  # standard error of the mean: over seeds when there are several, else binomial
+    se: float  # standard error of the mean, over problems and (when several) seeds
 
 
 def summarize(correct: list[list[int]]) -> Summary:
-    """``correct[seed][problem]`` in {0, 1}: per-seed accuracy, its mean and standard error
-    (with one seed, the binomial standard error over problems)."""
+    """``correct[seed][problem]`` in {0, 1}: per-seed accuracy, its mean and standard error.
+
+    The mean varies with the problems drawn and with the training seeds, so its variance is
+    taken as the sum of both parts: the variance over problems of each problem's mean outcome
+    over seeds, divided by the number of problems (one seed: the binomial p(1 - p) / n), and
+    the sample variance of the per-seed accuracies divided by the number of seeds (which
+    also holds the seeds' share of the problem noise: a slight overestimate, never an
+    underestimate)."""
     _check(correct)
     per_seed = [sum(row) / len(row) for row in correct]
     mean = sum(per_seed) / len(per_seed)
+    per_problem = np.asarray(correct, dtype=np.float64).mean(axis=0)
+    var = float(per_problem.var()) / per_problem.size
     if len(per_seed) > 1:
-        var = sum((a - mean) ** 2 for a in per_seed) / (len(per_seed) - 1)
-        se = math.sqrt(var / len(per_seed))
-    else:
-        se = math.sqrt(mean * (1 - mean) / len(correct[0]))
-    return Summary(per_seed, mean, se)
+        var += sum((a - mean) ** 2 for a in per_seed) / (len(per_seed) - 1) / len(per_seed)
+    return Summary(per_seed, mean, math.sqrt(var))
 
 
 def paired_difference(a: list[list[int]], b: list[list[int]], n_boot: int = 2000,

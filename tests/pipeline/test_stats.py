@@ -11,8 +11,9 @@ def test_summary_over_seeds_and_for_one_seed():
     s = summarize([[1, 0, 1, 1], [0, 0, 1, 1], [1, 1, 1, 1]])
     assert s.per_seed == [0.75, 0.5, 1.0]
     assert s.mean == pytest.approx(0.75)
-    # sample sd of (0.75, 0.5, 1.0) is 0.25; se = 0.25 / sqrt(3)
-    assert s.se == pytest.approx(0.25 / math.sqrt(3))
+    # seeds: sample sd of (0.75, 0.5, 1.0) is 0.25, variance 0.25^2 / 3; problems: the
+    # per-problem means (2/3, 1/3, 1, 1) have population variance 2/27, over 4 problems
+    assert s.se == pytest.approx(math.sqrt(0.25 ** 2 / 3 + (2 / 27) / 4))
     one = summarize([[1, 0, 0, 0]])
     assert one.se == pytest.approx(math.sqrt(0.25 * 0.75 / 4))
 
@@ -54,7 +55,8 @@ def test_bad_inputs_are_refused():
 def test_the_demo_reports_standard_errors_and_paired_intervals():
     from oreo_fast.pipeline.demo import format_table, uncertainty
 
-    correct = {"sft": [0, 1, 0, 1] * 25, "rft": [0, 1, 1, 1] * 25, "oreo": [1, 1, 1, 1] * 25}
+    correct = {"sft": [[0, 1, 0, 1] * 25], "rft": [[0, 1, 1, 1] * 25],
+               "oreo": [[1, 1, 1, 1] * 25]}
     out = uncertainty(correct)
     assert out["standard_errors"]["sft"] == pytest.approx(math.sqrt(0.25 / 100))
     assert set(out["paired_differences"]) == {"oreo - rft", "oreo - sft", "rft - sft"}
@@ -62,3 +64,21 @@ def test_the_demo_reports_standard_errors_and_paired_intervals():
     table = format_table({"sft": 0.5, "rft": 0.75, "oreo": 1.0, "n_problems": 100,
                           "validation": {}, **out})
     assert "0.500 ± 0.050" in table and "oreo - rft: +0.250" in table
+
+
+def test_the_demo_pools_seeds_and_the_single_sft():
+    """Several seeds of RFT and OREO against SFT's one checkpoint: the means are over seeds,
+    the interval of oreo - sft resamples both (here the seeds disagree, so it is wider than
+    the single-seed one)."""
+    from oreo_fast.pipeline.demo import format_table, uncertainty
+
+    sft = [[0, 1] * 100]
+    oreo = [[1, 1] * 100, [0, 1] * 100, [1, 1] * 50 + [0, 1] * 50]
+    out = uncertainty({"sft": sft, "oreo": oreo})
+    d = out["paired_differences"]["oreo - sft"]
+    assert d["difference"] == pytest.approx((0.5 + 0 + 0.25) / 3)
+    single = uncertainty({"sft": sft, "oreo": oreo[2:]})["paired_differences"]["oreo - sft"]
+    assert d["high"] - d["low"] > single["high"] - single["low"]
+    table = format_table({"sft": 0.5, "oreo": 0.75, "n_problems": 200,
+                          "validation": {}, "seeds": 3, **out})
+    assert "3 seeds of sampling, RFT and OREO; one SFT" in table
