@@ -12,8 +12,8 @@ def test_summary_over_seeds_and_for_one_seed():
     assert s.per_seed == [0.75, 0.5, 1.0]
     assert s.mean == pytest.approx(0.75)
     # seeds: sample sd of (0.75, 0.5, 1.0) is 0.25, variance 0.25^2 / 3; problems: the
-    # per-problem means (2/3, 1/3, 1, 1) have population variance 2/27, over 4 problems
-    assert s.se == pytest.approx(math.sqrt(0.25 ** 2 / 3 + (2 / 27) / 4))
+    # per-problem means (2/3, 1/3, 1, 1) have population variance 11/144, over 4 problems
+    assert s.se == pytest.approx(math.sqrt(0.25 ** 2 / 3 + (11 / 144) / 4))
     one = summarize([[1, 0, 0, 0]])
     assert one.se == pytest.approx(math.sqrt(0.25 * 0.75 / 4))
 
