@@ -90,9 +90,11 @@ def test_iterate_passes_the_device_to_every_stage(default, loads, tmp_path, monk
     assert "device=meta" in launched[0]
 
 
-def test_demo_passes_the_device_to_every_stage(default, loads, tmp_path, monkeypatch):
+@pytest.mark.parametrize("seeds", [1, 2])
+def test_demo_passes_the_device_to_every_stage(default, loads, tmp_path, monkeypatch, seeds):
     """The demo's stages with their work replaced: only the settings they get are checked
-    (the stages themselves are the jobs tested above)."""
+    (the stages themselves are the jobs tested above); with 2 seeds each seed samples and
+    trains with its own seed, and the results pool them."""
     from oreo_fast.pipeline import demo, evaluate, sample, sft
 
     seen, real_beam_search = {}, demo.demo_beam_search
@@ -109,10 +111,14 @@ def test_demo_passes_the_device_to_every_stage(default, loads, tmp_path, monkeyp
     out = tmp_path / "demo"
     shutil.copytree(default["model"].parent, out / "default")
     (out / "default" / "val.jsonl").write_text((out / "default" / "test.jsonl").read_text())
-    demo.run_demo(demo.DemoConfig(out=str(out), reuse=True, **ASKED))
+    results = demo.run_demo(demo.DemoConfig(out=str(out), reuse=True, seeds=seeds, **ASKED))
     for stage in ("sft", "sample", "eval"):
         assert (seen[stage].device, seen[stage].dtype) == ("meta", "bfloat16"), stage
     assert all("device=meta" in overrides for overrides in seen["train"])
+    assert sorted(o[2] for o in seen["train"]) == sorted(
+        [f"seed={s}" for s in range(seeds)] * 2)  # rft and oreo per seed
+    assert results["seeds"] == seeds and len(results["per_seed"]["oreo"]) == seeds
+    assert len(results["per_seed"]["sft"]) == 1  # one SFT checkpoint
     assert {k: seen["beam"][k] for k in ASKED} == ASKED
     # the beam stage itself: policy and value on the asked device
     run = tmp_path / "run"
