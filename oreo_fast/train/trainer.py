@@ -25,12 +25,12 @@ from oreo_fast.errors import USER_ERRORS
 from oreo_fast.tokenizer import load_tokenizer
 from oreo_fast.train import guard
 from oreo_fast.train.checkpoint import Checkpointer, check_run_inputs
-from oreo_fast.train.export import export_models
-from oreo_fast.train.lora import trainable
 from oreo_fast.train.config import TrainConfig, load_train_config, save_config
 from oreo_fast.train.data import (collate_examples, plan_global_batches, rank_micro_batches,
                                   read_training_examples)
 from oreo_fast.train.distributed import exit_with_launcher, quiet_transformers_unless_main, set_up
+from oreo_fast.train.export import export_models
+from oreo_fast.train.lora import trainable
 from oreo_fast.train.metrics import MetricSinks, plot_curves, write_history
 from oreo_fast.train.parallelize import apply_liger, attention_backend, data_parallel_mesh
 from oreo_fast.train.schedule import cosine_with_warmup, warmup_steps_for
