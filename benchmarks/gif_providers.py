@@ -52,24 +52,32 @@ SHAPES = {
     "cpu": Shape(batch=2, seq=2048, vocab=32000, hidden=256),  # the op benchmark's CPU shape
     "qwen": Shape(batch=1, seq=2048, vocab=151936, hidden=1536),  # Qwen2.5-1.5B's LM head
     "small": Shape(batch=2, seq=256, vocab=4000, hidden=64),
+    "gpu": Shape(batch=4, seq=2048, vocab=151936, hidden=1536),  # issue 15's GPU shape (bf16)
 }
 
 
-def make_inputs(shape: Shape) -> dict:
+def make_inputs(shape: Shape, device="cpu", dtype: torch.dtype = torch.float32) -> dict:
+    """Deterministic inputs (drawn on the CPU in float32, then moved): hidden states and LM
+    heads of policy and reference in ``dtype``, values, rewards and all-ones masks."""
     g = torch.Generator().manual_seed(SEED)
     B, T, V, H = shape.batch, shape.seq, shape.vocab, shape.hidden
     hidden = torch.randn(B, T, H, generator=g)
     weight = torch.randn(V, H, generator=g) * (2.0 / H**0.5)
     mask = torch.ones(B, T, dtype=torch.bool)
-    return {
-        "hidden": hidden.requires_grad_(), "weight": weight.requires_grad_(),
-        "ref_hidden": hidden.detach() + 0.1 * torch.randn(B, T, H, generator=g),
-        "ref_weight": weight.detach() + torch.randn(V, H, generator=g) * (0.2 / H**0.5),
+    x = {
+        "hidden": hidden, "weight": weight,
+        "ref_hidden": hidden + 0.1 * torch.randn(B, T, H, generator=g),
+        "ref_weight": weight + torch.randn(V, H, generator=g) * (0.2 / H**0.5),
         "actions": torch.randint(0, V, (B, T), generator=g),
-        "values": (0.3 * torch.randn(B, T, generator=g)).requires_grad_(),
+        "values": 0.3 * torch.randn(B, T, generator=g),
         "rewards": (torch.rand(B, generator=g) < 0.5).float(),
         "action_mask": mask, "state_mask": mask.clone(),
     }
+    floats = ("hidden", "weight", "ref_hidden", "ref_weight")
+    x = {k: v.to(device=device, dtype=dtype if k in floats else v.dtype) for k, v in x.items()}
+    for t in trainable(x):
+        t.requires_grad_()
+    return x
 
 
 def trainable(x: dict):

@@ -20,7 +20,8 @@ def test_gpu_check_dry_run_without_cuda():
     steps = [l for l in lines if l.startswith("[")]
     names = " ".join(steps)
     for step in ("install torch", "liger-kernel", "flash-attn", "gpu tests", "FSDP2 nccl",
-                 "sft, sample, eval, search", "benchmark: ops", "benchmark: trainer step",
+                 "sft, sample, eval, search", "benchmark: ops", "grad-in-forward loss",
+                 "benchmark: trainer step",
                  "benchmark: search"):
         assert step in names, step
     budgets = [int(l.split("budget ")[1].split("s")[0]) for l in steps]
@@ -91,3 +92,24 @@ def test_gpu_check_with_vllm_adds_the_step_after_the_nine_minutes():
     assert done.returncode == 0, done.stderr
     assert "vllm engine against hf" in done.stdout and "--engine vllm" in done.stdout
     assert done.stdout.splitlines()[-1] == "total budget 840s of 840s"
+
+
+def test_gif_gpu_benchmark_smoke_on_cpu(tmp_path):
+    """The GPU benchmark of the grad-in-forward loss (gpu-check runs it on CUDA) at a small
+    shape on the CPU: every provider asked for runs, is checked against the paper recipe,
+    and the JSON carries the ratios its targets read; a broken provider would show."""
+    import json
+
+    env = dict(__import__("os").environ, OREO_BENCH_RESULTS_DIR=str(tmp_path))
+    done = subprocess.run([sys.executable, "-m", "benchmarks.gif_gpu", "--device", "cpu",
+                           "--shape", "small", "--dtype", "float32", "--rounds", "1",
+                           "--warmup", "0", "--providers", "paper,two_pass,gif,floor"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    (path,) = tmp_path.glob("grad_in_forward_cpu_n512-v4000-h64-float32_*.json")
+    report = json.loads(path.read_text())
+    providers = report["providers"]
+    assert set(providers) == {"paper", "two_pass", "gif", "floor"}
+    assert providers["gif"]["check"] == "matches the paper recipe"
+    assert providers["two_pass"]["check"] == "matches the paper recipe"
+    assert {"gif_over_floor", "paper_over_gif", "two_pass_over_gif"} <= set(report["summary"])
