@@ -1,8 +1,9 @@
 """``make demo``: the paper's comparison on the embedded default, from nothing, on a CPU.
 
-Stages (each writes under ``out``): the embedded task, tokenizer and tiny model; a validation
-split of fresh problems (in neither train nor test, used to choose the demo's knobs); SFT; K sampled, verified responses per training problem; the rejection-sampling
-baseline (RFT: SFT on the reward-1 samples) and OREO trained on those same trajectories
+Stages (each writes under ``out``): the embedded task (``n_test`` held-out test problems),
+tokenizer and tiny model; a validation split of fresh problems (in neither train nor test,
+used to choose the demo's knobs); SFT; K sampled, verified responses per training problem;
+the rejection-sampling baseline (RFT: SFT on the reward-1 samples) and OREO trained on those same trajectories
 (OREO launched through torchrun); greedy accuracy of SFT, RFT and OREO on the held-out test
 problems, printed as a table and written to ``results.json`` with a bar chart.
 
@@ -49,20 +50,24 @@ RFT_OVERRIDES = ["global_batch_size=128", "micro_batch_size=32", "policy_lr=1e-4
 class DemoConfig:
     out: str = "runs/demo"  # output folder
     samples_per_problem: int = 8  # sampled responses per training problem
-    n_val: int = 1000  # fresh problems to choose knobs on (never the test split)
+    n_test: int = 1000  # held-out test problems (the embedded task's test split)
+    n_val: int = 500  # fresh problems to choose knobs on (never the test split)
     nproc: int = 2  # OREO training processes (torchrun)
     threads: int = 1  # torch threads per process (1: the tiny model's fastest, measured)
     device: str = "auto"  # every stage: "auto" (CUDA when present), cpu, cuda
     dtype: str = "auto"  # sampling, eval and search ("auto": bf16 on CUDA, fp32 on CPU)
     reuse: bool = False  # keep finished stages of an earlier run in out
-    seeds: int = 1  # sampling + RFT/OREO data-order seeds, each from the same SFT model
+    seeds: int = 3  # sampling + RFT/OREO data-order seeds, each from the same SFT model
+    quick: bool = False  # one seed only (a smoke run of every stage); overrides seeds
     sweep_problems: int = 100  # beam-width sweep (seed 0 only) on this many test problems
     oreo_overrides: list[str] = field(default_factory=lambda: list(OREO_OVERRIDES))
     rft_overrides: list[str] = field(default_factory=lambda: list(RFT_OVERRIDES))
 
     def __post_init__(self):
-        require_at_least(self, 1, "samples_per_problem", "n_val", "nproc", "threads", "seeds",
-                         "sweep_problems")
+        require_at_least(self, 1, "samples_per_problem", "n_test", "n_val", "nproc", "threads",
+                         "seeds", "sweep_problems")
+        if self.quick:
+            self.seeds = 1
         check_device_and_dtype(self)
 
 
@@ -215,7 +220,9 @@ def run_demo(config: DemoConfig) -> dict:
     default = out / "default"
 
     def build():
-        build_default(EmbeddedConfig(out=str(default)))
+        from oreo_fast.tasks.arithmetic import ArithmeticConfig
+
+        build_default(EmbeddedConfig(out=str(default), task=ArithmeticConfig(n_test=config.n_test)))
         write_jsonl(default / "val.jsonl", validation_problems(default, config.n_val))
 
     _stage("embedded default", default / "val.jsonl", config.reuse, times, build)

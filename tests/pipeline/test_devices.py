@@ -199,3 +199,10 @@ def test_sft_runs_no_full_vocabulary_logits(default, monkeypatch):
     model.lm_head.register_forward_hook(lambda *a: pytest.fail("full logits materialised"))
     examples = build_examples(tok, load_problems(default["train"]), 256)
     assert sft_step_loss(model, examples, tok.pad_token_id, 2) > 0
+
+
+def test_demo_defaults_to_three_seeds_and_quick_to_one():
+    from oreo_fast.pipeline.demo import DemoConfig
+
+    assert DemoConfig().seeds == 3
+    assert DemoConfig(quick=True, seeds=5).seeds == 1
