@@ -1,11 +1,12 @@
 """``make demo``: the paper's comparison on the embedded default, from nothing, on a CPU.
 
-Stages (each writes under ``out``): the embedded task (``n_test`` held-out test problems),
-tokenizer and tiny model; a validation split of fresh problems (in neither train nor test,
+Stages (each writes under ``out``): the embedded task, tokenizer and tiny model; a test set
+of ``n_test`` held-out problems (the task's test split, then fresh ones); a validation split of fresh problems (in neither train nor test,
 used to choose the demo's knobs); SFT; K sampled, verified responses per training problem;
-the rejection-sampling baseline (RFT: SFT on the reward-1 samples) and OREO trained on those same trajectories
-(OREO launched through torchrun); greedy accuracy of SFT, RFT and OREO on the held-out test
-problems, printed as a table and written to ``results.json`` with a bar chart.
+the rejection-sampling baseline (RFT: SFT on the reward-1 samples) and OREO trained on those
+same trajectories (OREO launched through torchrun); greedy accuracy of SFT, RFT and OREO, and
+OREO's value-guided beam search, on the held-out test problems, printed as a table and
+written to ``results.json`` with a bar chart.
 
 With ``seeds`` > 1 the stages after SFT run once per seed: the sampling seed and the trainers'
 data-order seed are both the seed number, so each seed has its own trajectories, RFT and OREO
@@ -50,7 +51,7 @@ RFT_OVERRIDES = ["global_batch_size=128", "micro_batch_size=32", "policy_lr=1e-4
 class DemoConfig:
     out: str = "runs/demo"  # output folder
     samples_per_problem: int = 8  # sampled responses per training problem
-    n_test: int = 1000  # held-out test problems (the embedded task's test split)
+    n_test: int = 1000  # held-out test problems: the task's test split, then fresh ones
     n_val: int = 500  # fresh problems to choose knobs on (never the test split)
     nproc: int = 2  # OREO training processes (torchrun)
     threads: int = 1  # torch threads per process (1: the tiny model's fastest, measured)
@@ -76,6 +77,7 @@ class DemoConfig:
 # (README, "Value-guided beam search").
 DEMO_SEARCH = dict(beams=7, candidates=4, max_steps=10, max_step_tokens=24, temperature=0.3)
 DEMO_SWEEP_BEAMS = (1, 3, 5, 7)  # the paper's Figure 3
+TEST_FILE = "test_held_out.jsonl"  # the demo's test set, under out/default
 
 
 def demo_beam_search(run_dir, test_file, val_file, sweep_limit: int | None = None,
@@ -116,17 +118,31 @@ def demo_beam_search(run_dir, test_file, val_file, sweep_limit: int | None = Non
     return out
 
 
-def validation_problems(default: Path, n: int, seed: int = 104729) -> list[dict]:
-    """``n`` problems of the task drawn with another seed, none of them in train or test."""
+def fresh_problems(default: Path, n: int, seed: int, exclude: tuple[str, ...],
+                   name: str) -> list[dict]:
+    """``n`` problems of the task drawn with another ``seed``, none of them in the
+    ``exclude`` files of ``default`` (ids ``<name>-i``)."""
     from oreo_fast.tasks.arithmetic import ArithmeticConfig, generate_splits
 
-    seen = {r["question"] for split in ("train", "test")
-            for _, r in read_jsonl(default / f"{split}.jsonl")}
+    seen = {r["question"] for split in exclude for _, r in read_jsonl(default / split)}
     _, pool = generate_splits(ArithmeticConfig(seed=seed, n_train=0, n_test=n + n // 2 + 100))
     fresh = [r for r in pool if r["question"] not in seen][:n]
     if len(fresh) < n:
-        raise ValueError(f"only {len(fresh)} validation problems outside train and test")
-    return [dict(r, id=f"val-{i}") for i, r in enumerate(fresh)]
+        raise ValueError(f"only {len(fresh)} {name} problems outside {', '.join(exclude)}")
+    return [dict(r, id=f"{name}-{i}") for i, r in enumerate(fresh)]
+
+
+def write_demo_splits(default: Path, n_val: int, n_test: int) -> None:
+    """The validation split (``val.jsonl``: fresh problems, in neither train nor test) and
+    the demo's test set (``TEST_FILE``: the task's own test split, then fresh problems up to
+    ``n_test``, in none of train, test and validation). The training split, and so the
+    tokenizer and SFT, stay those of the embedded default."""
+    write_jsonl(default / "val.jsonl", fresh_problems(
+        default, n_val, 104729, ("train.jsonl", "test.jsonl"), "val"))
+    test = [r for _, r in read_jsonl(default / "test.jsonl")][:n_test]
+    test += fresh_problems(default, n_test - len(test), 7919,
+                           ("train.jsonl", "test.jsonl", "val.jsonl"), "test-extra")
+    write_jsonl(default / TEST_FILE, test)
 
 
 def _stage(name: str, done: Path, reuse: bool, times: dict, fn):
@@ -159,7 +175,7 @@ def run_seed(config: DemoConfig, out: Path, seed: int, times: dict) -> SeedResul
     from oreo_fast.pipeline.sample import SampleConfig, run_sample
 
     default, on = out / "default", dict(device=config.device, dtype=config.dtype)
-    train, val, test = default / "train.jsonl", default / "val.jsonl", default / "test.jsonl"
+    train, val, test = default / "train.jsonl", default / "val.jsonl", default / TEST_FILE
     run = out if seed == 0 else out / f"seed-{seed}"
     tag = "" if seed == 0 else f" (seed {seed})"
     trajectories = run / "trajectories.jsonl"
@@ -220,12 +236,10 @@ def run_demo(config: DemoConfig) -> dict:
     default = out / "default"
 
     def build():
-        from oreo_fast.tasks.arithmetic import ArithmeticConfig
+        build_default(EmbeddedConfig(out=str(default)))
+        write_demo_splits(default, config.n_val, config.n_test)
 
-        build_default(EmbeddedConfig(out=str(default), task=ArithmeticConfig(n_test=config.n_test)))
-        write_jsonl(default / "val.jsonl", validation_problems(default, config.n_val))
-
-    _stage("embedded default", default / "val.jsonl", config.reuse, times, build)
+    _stage("embedded default", default / TEST_FILE, config.reuse, times, build)
     _stage("sft", out / "sft" / "config.json", config.reuse, times, lambda: run_sft(
         SFTConfig(model=str(default / "model"), train=str(default / "train.jsonl"),
                   out=str(out / "sft"), **EMBEDDED_SFT, device=config.device,

@@ -110,7 +110,8 @@ def test_demo_passes_the_device_to_every_stage(default, loads, tmp_path, monkeyp
                      "sweep": {"accuracy_by_beams": {}}})[1])
     out = tmp_path / "demo"
     shutil.copytree(default["model"].parent, out / "default")
-    (out / "default" / "val.jsonl").write_text((out / "default" / "test.jsonl").read_text())
+    for name in ("val.jsonl", demo.TEST_FILE):
+        (out / "default" / name).write_text((out / "default" / "test.jsonl").read_text())
     results = demo.run_demo(demo.DemoConfig(out=str(out), reuse=True, seeds=seeds, **ASKED))
     for stage in ("sft", "sample", "eval"):
         assert (seen[stage].device, seen[stage].dtype) == ("meta", "bfloat16"), stage
@@ -206,3 +207,23 @@ def test_demo_defaults_to_three_seeds_and_quick_to_one():
 
     assert DemoConfig().seeds == 3
     assert DemoConfig(quick=True, seeds=5).seeds == 1
+
+
+def test_demo_test_set_extends_the_task_test_split_with_fresh_problems(tmp_path):
+    """1000 held-out test problems: the task's own 200 first, then fresh ones; validation and
+    test share no question with each other or with train."""
+    from oreo_fast.io import read_jsonl
+    from oreo_fast.pipeline.demo import TEST_FILE, write_demo_splits
+    from oreo_fast.tasks.arithmetic import generate_splits
+
+    train, test = generate_splits(ArithmeticConfig())
+    for name, rows in (("train.jsonl", train), ("test.jsonl", test)):
+        (tmp_path / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    write_demo_splits(tmp_path, n_val=300, n_test=1000)
+    questions = {name: [r["question"] for _, r in read_jsonl(tmp_path / name)]
+                 for name in ("train.jsonl", "test.jsonl", "val.jsonl", TEST_FILE)}
+    held_out, val = questions[TEST_FILE], questions["val.jsonl"]
+    assert len(held_out) == len(set(held_out)) == 1000 and len(val) == len(set(val)) == 300
+    assert held_out[:200] == questions["test.jsonl"]
+    assert not set(held_out) & set(questions["train.jsonl"])
+    assert not set(held_out) & set(val) and not set(val) & set(questions["train.jsonl"])
