@@ -172,14 +172,16 @@ def results(x: dict, step) -> tuple:
     return fields, grads
 
 
-def check(name: str, got: tuple, expected: tuple):
-    """float32: outputs within 1e-4 relative, gradients within 1e-3 relative L2."""
+def check(name: str, got: tuple, expected: tuple, rtol: float = 1e-4, atol: float = 1e-6,
+          grad_rel: float = 1e-3):
+    """Outputs within ``rtol``/``atol``, gradients within ``grad_rel`` relative L2 (the
+    defaults are float32's)."""
     f, g = got
     f0, g0 = expected
-    assert torch.allclose(f, f0, rtol=1e-4, atol=1e-6), f"{name}: outputs {f} vs {f0}"
+    assert torch.allclose(f, f0, rtol=rtol, atol=atol), f"{name}: outputs {f} vs {f0}"
     for i, (a, b) in enumerate(zip(g, g0)):
         rel = float((a - b).norm() / b.norm().clamp_min(1e-30))
-        assert rel <= 1e-3, f"{name}: gradient {i} relative error {rel:.3g}"
+        assert rel <= grad_rel, f"{name}: gradient {i} relative error {rel:.3g}"
 
 
 def measure_memory(provider: str, shape_name: str, budget=None) -> dict:

@@ -125,26 +125,22 @@ def compare_samples(hf_path: str, vllm_path: str) -> int:
     """The two engines' trajectory files agree in format (the same fields in every record,
     the same (problem, count) coverage) and in reward and truncation rates, within four
     binomial standard errors of their difference. Prints the figures; 0 when they agree."""
-    def read(path):
-        with open(path, encoding="utf-8") as f:
-            return [json.loads(line) for line in f if line.strip()]
+    from collections import Counter
 
-    runs = {"hf": read(hf_path), "vllm": read(vllm_path)}
-    problems = []
-    for name, rows in runs.items():
+    from oreo_fast.io import read_jsonl
+
+    hf = [r for _, r in read_jsonl(hf_path)]
+    vl = [r for _, r in read_jsonl(vllm_path)]
+    for name, rows in (("hf", hf), ("vllm", vl)):
         if not rows:
             print(f"{name}: no trajectories")
             return 1
-        counts: dict = {}
-        for r in rows:
-            counts[r["problem_id"]] = counts.get(r["problem_id"], 0) + 1
-        runs[name] = (rows, counts)
-    (hf, hf_counts), (vl, vl_counts) = runs["hf"], runs["vllm"]
+    problems = []
     hf_keys, vl_keys = {frozenset(r) for r in hf}, {frozenset(r) for r in vl}
     if hf_keys != vl_keys or len(hf_keys) != 1:
         problems.append(f"record fields differ: hf {sorted(map(sorted, hf_keys))} "
                         f"vllm {sorted(map(sorted, vl_keys))}")
-    if hf_counts != vl_counts:
+    if Counter(r["problem_id"] for r in hf) != Counter(r["problem_id"] for r in vl):
         problems.append("the engines cover different (problem, sample) counts")
     for field_name in ("reward", "truncated"):
         a = sum(float(r.get(field_name, 0)) for r in hf) / len(hf)  # absent: flagged above
