@@ -7,7 +7,7 @@ import pytest
 from oreo_fast.errors import DataError
 from oreo_fast.tasks import (ArithmeticConfig, Problem, extract_gsm8k_answer, format_prompt,
                              generate_splits, last_boxed, load_problems, verify)
-from oreo_fast.tasks.arithmetic import solve
+from oreo_fast.tasks.arithmetic import DISTRACTORS, solve
 
 
 def test_task_is_deterministic_and_seeded():
@@ -48,11 +48,65 @@ def test_gold_solutions_are_correct_and_respect_knobs(knobs):
         assert solve(p["question"]) == value
 
 
+def _distractor(question: str) -> tuple[int, int] | None:
+    """(index of the operation the distractor precedes, its number), or None."""
+    sentences = [x.strip() for x in question.split(".") if x.strip()][1:]
+    for k, sentence in enumerate(sentences):
+        if sentence.startswith(tuple(d.split("{}")[0] for d in DISTRACTORS)):
+            return k, int(re.search(r"\d+", sentence)[0])
+    return None
+
+
+def test_distractors_and_the_demonstrators_misreads():
+    cfg = ArithmeticConfig(n_train=400, n_test=0, seed=2, distractor_rate=1.0, misread_rate=1.0)
+    train, _ = generate_splits(cfg)
+    with_distractor = 0
+    for p in train:
+        gold, shown = p["answer"].split("\n"), p["demonstration"].split("\n")
+        found = _distractor(p["question"])
+        if found is None:  # no number could be misread into a valid chain: no distractor
+            assert shown == gold
+            continue
+        with_distractor += 1
+        k, n = found
+        assert shown[:k] == gold[:k]  # the same lines up to the misread one
+        a, op, b, _, _ = gold[k].split(" ")
+        a2, op2, b2, _, c2 = shown[k].split(" ")
+        assert (a2, op2) == (a, op) and int(b2) == n != int(b)  # the distractor as operand
+        value = int(c2)  # and the demonstrator goes on right from its own wrong value
+        for g, line in zip(gold[k + 1:-1], shown[k + 1:-1]):
+            x, op, y, _, z = line.split(" ")
+            assert int(x) == value and (op, y) == tuple(g.split(" ")[1:3])
+            assert int(z) == {"+": value + int(y), "-": value - int(y), "*": value * int(y),
+                              "/": value // int(y)}[op]
+            value = int(z)
+        assert shown[-1] == f"#### {value}" and solve(p["question"]) == int(gold[-1][5:])
+    assert with_distractor > 300
+
+
+def test_distractor_and_misread_rates():
+    train, _ = generate_splits(ArithmeticConfig(n_train=2000, n_test=0, seed=5,
+                                                distractor_rate=0.5, misread_rate=0.7))
+    distracted = [p for p in train if _distractor(p["question"])]
+    misread = [p for p in distracted if p["demonstration"] != p["answer"]]
+    assert 0.42 < len(distracted) / len(train) < 0.52
+    assert 0.65 < len(misread) / len(distracted) < 0.75
+    assert all(p["demonstration"] == p["answer"] for p in train if not _distractor(p["question"]))
+    clean, _ = generate_splits(ArithmeticConfig(n_train=300, n_test=0, distractor_rate=0.0))
+    assert not any(_distractor(p["question"]) or p["demonstration"] != p["answer"] for p in clean)
+    careful, _ = generate_splits(ArithmeticConfig(n_train=300, n_test=0, misread_rate=0.0))
+    assert any(_distractor(p["question"]) for p in careful)
+    assert all(p["demonstration"] == p["answer"] for p in careful)
+
+
 def test_knobs_are_validated():
     with pytest.raises(ValueError):
         ArithmeticConfig(min_steps=4, max_steps=2)
     with pytest.raises(ValueError):
         ArithmeticConfig(ops=("^",))
+    for rate in ("distractor_rate", "misread_rate"):
+        with pytest.raises(ValueError, match=rate):
+            ArithmeticConfig(**{rate: 1.5})
     with pytest.raises(ValueError, match="distinct"):  # asks for more problems than exist
         generate_splits(ArithmeticConfig(n_train=500, n_test=0, min_steps=1, max_steps=1,
                                          start_min=2, start_max=3, add_max=2, mul_max=2))

@@ -40,7 +40,7 @@ OREO_OVERRIDES = ["global_batch_size=128", "micro_batch_size=32", "policy_lr=1e-
                   "max_length=256", "warmup_ratio=0.03"]
 # The embedded default's SFT and sampling settings, explicit: the job defaults are for real
 # models (oreo_fast.pipeline.sft.SFTConfig, max_new_tokens 1024)
-EMBEDDED_SFT = dict(epochs=8.0, batch_size=32, lr=2e-3, min_lr_ratio=0.1, warmup_steps=20,
+EMBEDDED_SFT = dict(epochs=18.0, batch_size=32, lr=2e-3, min_lr_ratio=0.1, warmup_steps=20,
                     max_length=256)
 EMBEDDED_MAX_NEW_TOKENS = 128
 RFT_OVERRIDES = ["global_batch_size=128", "micro_batch_size=32", "policy_lr=1e-4", "epochs=1",
@@ -59,14 +59,17 @@ class DemoConfig:
     dtype: str = "auto"  # sampling, eval and search ("auto": bf16 on CUDA, fp32 on CPU)
     reuse: bool = False  # keep finished stages of an earlier run in out
     seeds: int = 3  # sampling + RFT/OREO data-order seeds, each from the same SFT model
+    first_seed: int = 0  # the seeds are first_seed, first_seed + 1, ... (a perturbation)
+    sft_seed: int = 0  # SFT's data-order seed
     quick: bool = False  # one seed only (a smoke run of every stage); overrides seeds
-    sweep_problems: int = 100  # beam-width sweep (seed 0 only) on this many test problems
+    sweep_problems: int = 100  # beam-width sweep (first seed only) on this many test problems
     oreo_overrides: list[str] = field(default_factory=lambda: list(OREO_OVERRIDES))
     rft_overrides: list[str] = field(default_factory=lambda: list(RFT_OVERRIDES))
 
     def __post_init__(self):
         require_at_least(self, 1, "samples_per_problem", "n_test", "n_val", "nproc", "threads",
                          "seeds", "sweep_problems")
+        require_at_least(self, 0, "first_seed", "sft_seed")
         if self.quick:
             self.seeds = 1
         check_device_and_dtype(self)
@@ -168,9 +171,10 @@ class SeedResult:
 
 def run_seed(config: DemoConfig, out: Path, seed: int, times: dict) -> SeedResult:
     """Sampling, RFT, OREO, their greedy evaluation and OREO's beam search for one seed (the
-    sampling seed and the trainers' data-order seed), all from ``out/sft``; seed 0 also
-    evaluates SFT, which does not depend on it. Seed 0 writes in ``out`` itself (the
-    single-seed layout), seed s in ``out/seed-s``."""
+    sampling seed and the trainers' data-order seed), all from ``out/sft``; the first seed
+    also evaluates SFT, which does not depend on it, and sweeps the beam width. Seed 0 writes
+    in ``out`` itself (the single-seed layout), seed s in ``out/seed-s``."""
+    first = seed == config.first_seed
     from oreo_fast.pipeline.evaluate import EvalConfig, run_eval
     from oreo_fast.pipeline.sample import SampleConfig, run_sample
 
@@ -194,7 +198,7 @@ def run_seed(config: DemoConfig, out: Path, seed: int, times: dict) -> SeedResul
                                    config.nproc, run / "oreo.log", config.threads))
 
     models = {"rft": run / "rft" / "policy", "oreo": run / "oreo" / "policy"}
-    if seed == 0:
+    if first:
         models = {"sft": out / "sft", **models}
     result = SeedResult({}, {}, {}, {})
     t0 = time.time()
@@ -210,7 +214,7 @@ def run_seed(config: DemoConfig, out: Path, seed: int, times: dict) -> SeedResul
     times["eval" + tag] = round(time.time() - t0, 1)
     t0 = time.time()  # oreo_beam: value-guided beam search with OREO's policy and value
     beam = demo_beam_search(run / "oreo", test, val, sweep_limit=config.sweep_problems,
-                            sweep=seed == 0, **on)  # the B sweep once, on seed 0
+                            sweep=first, **on)  # the B sweep once, on the first seed
     result.accuracy["oreo_beam"], result.val_accuracy["oreo_beam"] = beam["test"], beam["val"]
     result.correct["oreo_beam"] = beam.pop("test_correct")
     beam.pop("val_correct")
@@ -241,10 +245,11 @@ def run_demo(config: DemoConfig) -> dict:
 
     _stage("embedded default", default / TEST_FILE, config.reuse, times, build)
     _stage("sft", out / "sft" / "config.json", config.reuse, times, lambda: run_sft(
-        SFTConfig(model=str(default / "model"), train=str(default / "train.jsonl"),
-                  out=str(out / "sft"), **EMBEDDED_SFT, device=config.device,
-                  dtype=config.dtype)))
-    seeds = [run_seed(config, out, seed, times) for seed in range(config.seeds)]
+        SFTConfig(model=str(default / "model"), train=str(default / "sft.jsonl"),
+                  out=str(out / "sft"), **EMBEDDED_SFT, seed=config.sft_seed,
+                  device=config.device, dtype=config.dtype)))
+    seeds = [run_seed(config, out, seed, times)
+             for seed in range(config.first_seed, config.first_seed + config.seeds)]
 
     def over_seeds(field: str) -> dict:  # method -> [value of each seed that has it]
         return {m: [getattr(r, field)[m] for r in seeds if m in getattr(r, field)]
@@ -254,19 +259,15 @@ def run_demo(config: DemoConfig) -> dict:
     accuracy = {m: sum(v) / len(v) for m, v in per_seed.items()}
     val_accuracy = {m: sum(v) / len(v) for m, v in over_seeds("val_accuracy").items()}
     beam = {**seeds[0].beam, "per_seed_test": per_seed["oreo_beam"]}
-    import torch
-    import transformers
-
     results = {**accuracy, "n_problems": len(outcomes["sft"][0]), "split": "test (held out)",
-               "seeds": config.seeds, "per_seed": per_seed,
+               "seeds": config.seeds, "first_seed": config.first_seed,
+               "sft_seed": config.sft_seed, "per_seed": per_seed,
                "validation": val_accuracy, "oreo_beam_search": beam,
                **uncertainty(outcomes),
                "samples_per_problem": config.samples_per_problem,
                "seconds": times, "oreo_overrides": config.oreo_overrides,
                "rft_overrides": config.rft_overrides, "nproc": config.nproc,
-               "device": _device_name(),
-               "torch": torch.__version__, "transformers": transformers.__version__,
-               "date": time.strftime("%Y-%m-%d")}
+               "threads": config.threads, **machine_facts()}
     write_json(out / "results.json", results)
     _bar_chart(accuracy, out / "results.png")
     print(format_table(results))
@@ -286,6 +287,16 @@ def uncertainty(correct: dict[str, list[list[int]]]) -> dict:
         "paired_differences": {f"{a} - {b}": paired_difference(correct[a], correct[b])
                                for a, b in PAIRED if a in correct and b in correct},
     }
+
+
+def machine_facts() -> dict:
+    """What a result depends on besides the code: the device (the CPU model), the torch and
+    transformers versions, and the date."""
+    import torch
+    import transformers
+
+    return {"device": _device_name(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "date": time.strftime("%Y-%m-%d")}
 
 
 def _device_name() -> str:

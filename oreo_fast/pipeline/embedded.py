@@ -36,12 +36,16 @@ class EmbeddedConfig:
 
 
 def write_task(out: str | Path, cfg: ArithmeticConfig) -> dict[str, Path]:
-    """Write ``train.jsonl`` and ``test.jsonl`` under ``out``; return their paths."""
+    """Write ``train.jsonl`` and ``test.jsonl`` (gold solutions) and ``sft.jsonl`` (the
+    training problems with the demonstrator's solutions: the SFT data) under ``out``;
+    return their paths."""
     out = Path(out)
     train, test = generate_splits(cfg)
-    paths = {"train": out / "train.jsonl", "test": out / "test.jsonl"}
-    write_jsonl(paths["train"], train)
+    paths = {"train": out / "train.jsonl", "test": out / "test.jsonl", "sft": out / "sft.jsonl"}
+    write_jsonl(paths["train"], [{k: v for k, v in r.items() if k != "demonstration"}
+                                 for r in train])
     write_jsonl(paths["test"], test)
+    write_jsonl(paths["sft"], [dict(r, answer=r.pop("demonstration")) for r in train])
     return paths
 
 

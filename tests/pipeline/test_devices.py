@@ -90,11 +90,13 @@ def test_iterate_passes_the_device_to_every_stage(default, loads, tmp_path, monk
     assert "device=meta" in launched[0]
 
 
-@pytest.mark.parametrize("seeds", [1, 2])
-def test_demo_passes_the_device_to_every_stage(default, loads, tmp_path, monkeypatch, seeds):
+@pytest.mark.parametrize("seeds,first_seed", [(1, 0), (2, 0), (2, 3)])
+def test_demo_passes_the_device_to_every_stage(default, loads, tmp_path, monkeypatch, seeds,
+                                               first_seed):
     """The demo's stages with their work replaced: only the settings they get are checked
     (the stages themselves are the jobs tested above); with 2 seeds each seed samples and
-    trains with its own seed, and the results pool them."""
+    trains with its own seed, and the results pool them; ``first_seed`` shifts the seeds,
+    and the first of them evaluates SFT and sweeps the beam width."""
     from oreo_fast.pipeline import demo, evaluate, sample, sft
 
     seen, real_beam_search = {}, demo.demo_beam_search
@@ -112,14 +114,18 @@ def test_demo_passes_the_device_to_every_stage(default, loads, tmp_path, monkeyp
     shutil.copytree(default["model"].parent, out / "default")
     for name in ("val.jsonl", demo.TEST_FILE):
         (out / "default" / name).write_text((out / "default" / "test.jsonl").read_text())
-    results = demo.run_demo(demo.DemoConfig(out=str(out), reuse=True, seeds=seeds, **ASKED))
+    results = demo.run_demo(demo.DemoConfig(out=str(out), reuse=True, seeds=seeds,
+                                            first_seed=first_seed, sft_seed=first_seed, **ASKED))
     for stage in ("sft", "sample", "eval"):
         assert (seen[stage].device, seen[stage].dtype) == ("meta", "bfloat16"), stage
     assert all("device=meta" in overrides for overrides in seen["train"])
     assert sorted(o[2] for o in seen["train"]) == sorted(
-        [f"seed={s}" for s in range(seeds)] * 2)  # rft and oreo per seed
+        [f"seed={s}" for s in range(first_seed, first_seed + seeds)] * 2)  # rft and oreo
+    assert seen["sample"].seed == first_seed and seen["sft"].seed == first_seed
+    assert seen["sft"].train.endswith("sft.jsonl")  # the demonstrator's solutions
     assert results["seeds"] == seeds and len(results["per_seed"]["oreo"]) == seeds
     assert len(results["per_seed"]["sft"]) == 1  # one SFT checkpoint
+    assert seen["beam"]["sweep"] is True  # the first seed's beam stage sweeps
     assert {k: seen["beam"][k] for k in ASKED} == ASKED
     # the beam stage itself: policy and value on the asked device
     run = tmp_path / "run"

@@ -218,8 +218,8 @@ def test_cli_end_to_end(tmp_path, capsys):
     assert main(["-q", "init", "--out", str(run), "--n-train", "6", "--n-test", "3",
                  "--hidden-size", "32", "--intermediate-size", "64", "--num-hidden-layers", "1",
                  "--vocab-size", "300"]) == 0
-    assert sorted(p.name for p in run.iterdir()) == ["model", "test.jsonl", "tokenizer",
-                                                     "train.jsonl"]
+    assert sorted(p.name for p in run.iterdir()) == ["model", "sft.jsonl", "test.jsonl",
+                                                     "tokenizer", "train.jsonl"]
     assert main(["-q", "sft", "--model", str(run / "model"), "--train", str(run / "train.jsonl"),
                  "--out", str(run / "sft"), "--epochs", "2", "--batch-size", "3"]) == 0
     assert main(["-q", "sample", "--model", str(run / "sft"), "--problems",
