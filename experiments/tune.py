@@ -7,7 +7,9 @@ accuracy on ``RUN/default/val.jsonl``; the test split is never read. Fair tuning
 OREO the same number of configurations on the same seeds.
 
 A configuration is a name and trainer overrides (``key=value``, on top of the demo's own
-``RFT_OVERRIDES`` / ``OREO_OVERRIDES``), plus two data ablations:
+``RFT_OVERRIDES`` / ``OREO_OVERRIDES``; a configuration without any is the demo's setting,
+whose runs the demo already made and evaluated on validation: they are read, not redone),
+plus two data ablations:
 
 - ``@positives``: train on the reward-1 trajectories only (OREO without its negatives);
 - ``@k=N``: keep the first N samples of each problem (fewer samples per problem).
@@ -62,6 +64,11 @@ def ablated_data(source: Path, ablations: list[str], out: Path) -> Path:
 def train_and_score(run: Path, algorithm: str, name: str, overrides: list[str], seed: int,
                     nproc: int, threads: int, work: Path) -> dict:
     from oreo_fast.pipeline.evaluate import EvalConfig, run_eval
+
+    if not overrides:  # the demo's own setting: its run and validation report exist
+        report = run / ("." if seed == 0 else f"seed-{seed}") / f"eval_{algorithm}_val.json"
+        return {"val_accuracy": json.loads(report.read_text())["greedy_accuracy"],
+                "from": str(report)}
 
     ablations = [o for o in overrides if o.startswith("@")]
     knobs = [o for o in overrides if not o.startswith("@")]
