@@ -62,6 +62,7 @@ class DemoConfig:
     first_seed: int = 0  # the seeds are first_seed, first_seed + 1, ... (a perturbation)
     sft_seed: int = 0  # SFT's data-order seed
     quick: bool = False  # one seed only (a smoke run of every stage); overrides seeds
+    iterate: int = 0  # rounds of iterated RFT and OREO (paper Fig. 2) after the first seed's
     sweep_problems: int = 100  # beam-width sweep (first seed only) on this many test problems
     oreo_overrides: list[str] = field(default_factory=lambda: list(OREO_OVERRIDES))
     rft_overrides: list[str] = field(default_factory=lambda: list(RFT_OVERRIDES))
@@ -69,7 +70,7 @@ class DemoConfig:
     def __post_init__(self):
         require_at_least(self, 1, "samples_per_problem", "n_test", "n_val", "nproc", "threads",
                          "seeds", "sweep_problems")
-        require_at_least(self, 0, "first_seed", "sft_seed")
+        require_at_least(self, 0, "first_seed", "sft_seed", "iterate")
         if self.quick:
             self.seeds = 1
         check_device_and_dtype(self)
@@ -268,10 +269,42 @@ def run_demo(config: DemoConfig) -> dict:
                "seconds": times, "oreo_overrides": config.oreo_overrides,
                "rft_overrides": config.rft_overrides, "nproc": config.nproc,
                "threads": config.threads, **machine_facts()}
+    if config.iterate > 1:
+        results["iterate"] = demo_iterate(config, out, results, times)
     write_json(out / "results.json", results)
     _bar_chart(accuracy, out / "results.png")
     print(format_table(results))
     return results
+
+
+def demo_iterate(config: DemoConfig, out: Path, results: dict, times: dict) -> dict:
+    """Iterated RFT and iterated OREO (the paper's Figure 2): the first seed's RFT and OREO are
+    round 1; each further round samples from the last round's policy and trains on those
+    samples (OREO also from the last value model, its reference the round's starting policy).
+    Every round's policy is evaluated greedily on the test set."""
+    from oreo_fast.pipeline.iterate import IterateConfig, run_iterate
+
+    run = out if config.first_seed == 0 else out / f"seed-{config.first_seed}"
+    default, curves = out / "default", {}
+    for name, overrides, nproc in (("rft", ["algorithm=rft", *config.rft_overrides], 1),
+                                   ("oreo", config.oreo_overrides, config.nproc)):
+        t0 = time.time()
+        value = str(run / name / "value") if name == "oreo" else ""
+        report = run_iterate(IterateConfig(
+            policy=str(run / name / "policy"), value=value,
+            problems=str(default / "train.jsonl"), out=str(out / "iterate" / name),
+            rounds=config.iterate - 1, k=config.samples_per_problem,
+            max_new_tokens=EMBEDDED_MAX_NEW_TOKENS, eval_problems=str(default / TEST_FILE),
+            nproc=nproc, threads=config.threads, device=config.device, dtype=config.dtype,
+            seed=config.first_seed + 100, train_overrides=overrides))
+        curves[name] = [results["per_seed"][name][0]] + [r["greedy_accuracy"]
+                                                         for r in report["rounds"]]
+        times[f"iterate {name}"] = round(time.time() - t0, 1)
+        print(f"[demo] iterated {name}: test accuracy by round {curves[name]}", flush=True)
+    return {"rounds": config.iterate, "sft": results["per_seed"]["sft"][0],
+            "test_accuracy_by_round": curves,
+            "note": "round 1 is the first seed's run; later rounds sample with seeds "
+                    f"{config.first_seed + 100}, ... and train from the previous round"}
 
 
 PAIRED = (("oreo", "rft"), ("oreo", "sft"), ("rft", "sft"), ("oreo_beam", "oreo"))

@@ -69,6 +69,7 @@ class IterateConfig:
     policy: str  # starting policy (the SFT model)
     problems: str  # training problems (GSM8K or MATH shape)
     out: str  # folder for the rounds
+    value: str = ""  # the first round's value model (e.g. an earlier OREO run's); empty: policy
     rounds: int = 3
     k: int = 8  # responses per problem per round
     temperature: float = 1.0
@@ -105,7 +106,7 @@ def run_iterate(config: IterateConfig) -> dict:
     from oreo_fast.pipeline.sample import SampleConfig, run_sample
 
     out = Path(config.out)
-    policy, value = Path(config.policy), None
+    policy, value = Path(config.policy), Path(config.value) if config.value else None
     rounds = []
     for r in range(config.rounds):
         t0 = time.time()
@@ -123,13 +124,16 @@ def run_iterate(config: IterateConfig) -> dict:
                      f"prompt_format={config.prompt_format}",
                      *([f"value={value}"] if value else []), *config.train_overrides]
         launch_training(overrides, config.nproc, folder / "train.log", config.threads)
-        policy, value = folder / "policy", folder / "value"
+        policy = folder / "policy"
+        if (folder / "value").exists():  # OREO's; RFT trains none
+            value = folder / "value"
         stats = json.loads(Path(str(trajectories) + ".stats.json").read_text())
         row = {"round": r, "policy": str(policy), "sample_reward_rate": stats.get("reward_rate"),
                "seconds": time.time() - t0}
         if config.eval_problems:
             report = run_eval(EvalConfig(model=str(policy), problems=config.eval_problems,
                                          out=str(folder / "eval.json"), n_samples=0,
+                                         max_new_tokens=config.max_new_tokens,
                                          device=config.device, dtype=config.dtype,
                                          prompt_format=config.prompt_format,
                                          subset=config.subset, columns=config.columns,

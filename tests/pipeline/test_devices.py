@@ -7,6 +7,7 @@ that keeps the model on the CPU in float32: each job is then run asking for the 
 device in bfloat16, which no default would give, and what reached the loader is compared."""
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -233,3 +234,55 @@ def test_demo_test_set_extends_the_task_test_split_with_fresh_problems(tmp_path)
     assert held_out[:200] == questions["test.jsonl"]
     assert not set(held_out) & set(questions["train.jsonl"])
     assert not set(held_out) & set(val) and not set(val) & set(questions["train.jsonl"])
+
+
+def test_iterate_chains_the_value_only_where_one_was_trained(tmp_path, monkeypatch):
+    """OREO's rounds start from the given value model, then from the last round's; RFT's
+    rounds, which train none, never name one."""
+    from oreo_fast.pipeline import iterate
+
+    for trains_value in (True, False):
+        launched = []
+
+        def fake_training(overrides, nproc, log_path, threads=0):
+            launched.append([o for o in overrides if o.startswith("value=")])
+            for name in ("policy", "value") if trains_value else ("policy",):
+                (log_path.parent / name).mkdir(parents=True)
+
+        def fake_sample(config):
+            Path(config.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(config.out + ".stats.json").write_text('{"reward_rate": 0.5}')
+            return Path(config.out)
+
+        monkeypatch.setattr(iterate, "launch_training", fake_training)
+        monkeypatch.setattr("oreo_fast.pipeline.sample.run_sample", fake_sample)
+        out = tmp_path / str(trains_value)
+        iterate.run_iterate(iterate.IterateConfig(
+            policy="p", problems="q", out=str(out), rounds=3, k=2, device="cpu",
+            value="v0" if trains_value else ""))
+        if trains_value:
+            assert launched == [["value=v0"], [f"value={out / 'round-0' / 'value'}"],
+                                [f"value={out / 'round-1' / 'value'}"]]
+        else:
+            assert launched == [[], [], []]
+
+
+def test_demo_iterate_continues_from_the_first_seeds_runs(tmp_path, monkeypatch):
+    from oreo_fast.pipeline import demo, iterate
+
+    configs = []
+
+    def fake_iterate(config):
+        configs.append(config)
+        return {"rounds": [{"greedy_accuracy": 0.1 * (r + 1)} for r in range(config.rounds)]}
+
+    monkeypatch.setattr(iterate, "run_iterate", fake_iterate)
+    results = {"per_seed": {"sft": [0.4], "rft": [0.5, 0.6], "oreo": [0.55, 0.65]}}
+    config = demo.DemoConfig(out=str(tmp_path), iterate=3, first_seed=2, device="cpu")
+    report = demo.demo_iterate(config, tmp_path, results, {})
+    rft, oreo = configs
+    assert rft.rounds == oreo.rounds == 2 and "algorithm=rft" in rft.train_overrides
+    assert rft.policy == str(tmp_path / "seed-2" / "rft" / "policy") and rft.value == ""
+    assert oreo.value == str(tmp_path / "seed-2" / "oreo" / "value")
+    assert oreo.train_overrides == demo.OREO_OVERRIDES and oreo.nproc == config.nproc
+    assert report["test_accuracy_by_round"] == {"rft": [0.5, 0.1, 0.2], "oreo": [0.55, 0.1, 0.2]}
