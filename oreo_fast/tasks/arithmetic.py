@@ -10,6 +10,13 @@ Gold solution, one line per step, GSM8K's answer convention at the end::
 Every intermediate value stays in ``[0, max_value]`` and divisions are exact, so answers are
 integers. Problems come from a seeded ``random.Random``: the same config gives the same files.
 Train and test are drawn from one pool of distinct questions, so they never share a question.
+
+Half the questions (``distractor_rate``) carry an irrelevant fact with a number before one
+operation (``Start with 12. Tom has 5 pens. Add 7. ...``). The SFT data is not the gold
+solutions but a careless demonstrator's: after a distractor it uses the fact's number as the
+next operand (``12 + 5 = 17``) with probability ``misread_rate``. So a converged SFT model
+still fails most distractor problems, with one visible wrong step, and outcome rewards (from
+the gold answers) can teach it not to.
 """
 from __future__ import annotations
 
