@@ -1,8 +1,9 @@
 """``make demo``: the paper's comparison on the embedded default, from nothing, on a CPU.
 
 Stages (each writes under ``out``): the embedded task, tokenizer and tiny model; a test set
-of ``n_test`` held-out problems (the task's test split, then fresh ones); a validation split of fresh problems (in neither train nor test,
-used to choose the demo's knobs); SFT; K sampled, verified responses per training problem;
+of ``n_test`` held-out problems (the task's test split, then fresh ones); a validation split
+of fresh problems (in neither train nor test, used to choose the demo's knobs); SFT on the
+task's demonstrations (``sft.jsonl``); K sampled, verified responses per training problem;
 the rejection-sampling baseline (RFT: SFT on the reward-1 samples) and OREO trained on those
 same trajectories (OREO launched through torchrun); greedy accuracy of SFT, RFT and OREO, and
 OREO's value-guided beam search, on the held-out test problems, printed as a table and
@@ -13,6 +14,8 @@ data-order seed are both the seed number, so each seed has its own trajectories,
 from the one SFT checkpoint. Seed 0 keeps the single-seed layout (``out/trajectories.jsonl``,
 ``out/rft``, ``out/oreo``); seed s writes under ``out/seed-s``. Accuracies are means over seeds,
 and the paired differences' intervals resample problems and seeds (``pipeline.stats``).
+``first_seed`` and ``sft_seed`` move the seeds (a perturbation of the whole run); ``iterate``
+adds rounds of iterated RFT and OREO after the first seed (``demo_iterate``).
 """
 from __future__ import annotations
 
@@ -64,7 +67,8 @@ class DemoConfig:
     first_seed: int = 0  # the seeds are first_seed, first_seed + 1, ... (a perturbation)
     sft_seed: int = 0  # SFT's data-order seed
     quick: bool = False  # one seed only (a smoke run of every stage); overrides seeds
-    iterate: int = 0  # rounds of iterated RFT and OREO (paper Fig. 2) after the first seed's
+    iterate: int = 0  # rounds of iterated RFT and OREO (paper Fig. 2), the first seed's
+    # runs being round 1 (0 or 1: none)
     sweep_problems: int = 100  # beam-width sweep (first seed only) on this many test problems
     oreo_overrides: list[str] = field(default_factory=lambda: list(OREO_OVERRIDES))
     rft_overrides: list[str] = field(default_factory=lambda: list(RFT_OVERRIDES))
@@ -177,10 +181,10 @@ def run_seed(config: DemoConfig, out: Path, seed: int, times: dict) -> SeedResul
     sampling seed and the trainers' data-order seed), all from ``out/sft``; the first seed
     also evaluates SFT, which does not depend on it, and sweeps the beam width. Seed 0 writes
     in ``out`` itself (the single-seed layout), seed s in ``out/seed-s``."""
-    first = seed == config.first_seed
     from oreo_fast.pipeline.evaluate import EvalConfig, run_eval
     from oreo_fast.pipeline.sample import SampleConfig, run_sample
 
+    first = seed == config.first_seed
     default, on = out / "default", dict(device=config.device, dtype=config.dtype)
     train, val, test = default / "train.jsonl", default / "val.jsonl", default / TEST_FILE
     run = out if seed == 0 else out / f"seed-{seed}"
