@@ -206,3 +206,17 @@ def test_duplicate_ids_are_rejected(tmp_path):
     path.write_text(row + "\n" + row + "\n")
     with pytest.raises(DataError, match="duplicate"):
         load_problems(path)
+
+
+def test_write_task_puts_the_demonstrations_in_sft_jsonl_only(tmp_path):
+    from oreo_fast.pipeline.embedded import write_task
+
+    paths = write_task(tmp_path, ArithmeticConfig(n_train=200, n_test=5, seed=4))
+    gold = [json.loads(line) for line in paths["train"].read_text().splitlines()]
+    sft = [json.loads(line) for line in paths["sft"].read_text().splitlines()]
+    train, _ = generate_splits(ArithmeticConfig(n_train=200, n_test=5, seed=4))
+    assert [r["answer"] for r in gold] == [r["answer"] for r in train]  # rewards: gold
+    assert [r["answer"] for r in sft] == [r["demonstration"] for r in train]  # SFT: demonstrator
+    assert [r["question"] for r in sft] == [r["question"] for r in gold]
+    assert all(set(r) == {"id", "question", "answer"} for r in gold + sft)
+    assert any(s["answer"] != g["answer"] for s, g in zip(sft, gold))

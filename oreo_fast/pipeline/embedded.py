@@ -42,10 +42,10 @@ def write_task(out: str | Path, cfg: ArithmeticConfig) -> dict[str, Path]:
     out = Path(out)
     train, test = generate_splits(cfg)
     paths = {"train": out / "train.jsonl", "test": out / "test.jsonl", "sft": out / "sft.jsonl"}
-    write_jsonl(paths["train"], [{k: v for k, v in r.items() if k != "demonstration"}
-                                 for r in train])
+    gold = [{k: v for k, v in r.items() if k != "demonstration"} for r in train]
+    write_jsonl(paths["train"], gold)
     write_jsonl(paths["test"], test)
-    write_jsonl(paths["sft"], [dict(r, answer=r.pop("demonstration")) for r in train])
+    write_jsonl(paths["sft"], [dict(g, answer=r["demonstration"]) for g, r in zip(gold, train)])
     return paths
 
 
