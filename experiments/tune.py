@@ -31,12 +31,12 @@ from pathlib import Path
 
 from oreo_fast.io import read_jsonl, write_json, write_jsonl
 from oreo_fast.pipeline.demo import (EMBEDDED_MAX_NEW_TOKENS, OREO_OVERRIDES, RFT_OVERRIDES,
-                                     machine_facts)
+                                     machine_facts, seed_dir)
 from oreo_fast.pipeline.iterate import launch_training
 
 
 def trajectories_of(run: Path, seed: int) -> Path:
-    return (run if seed == 0 else run / f"seed-{seed}") / "trajectories.jsonl"
+    return seed_dir(run, seed) / "trajectories.jsonl"
 
 
 def ablated_data(source: Path, ablations: list[str], out: Path) -> Path:
@@ -66,7 +66,7 @@ def train_and_score(run: Path, algorithm: str, name: str, overrides: list[str], 
     from oreo_fast.pipeline.evaluate import EvalConfig, run_eval
 
     if not overrides:  # the demo's own setting: its run and validation report exist
-        report = run / ("." if seed == 0 else f"seed-{seed}") / f"eval_{algorithm}_val.json"
+        report = seed_dir(run, seed) / f"eval_{algorithm}_val.json"
         return {"val_accuracy": json.loads(report.read_text())["greedy_accuracy"],
                 "from": str(report)}
 

@@ -166,6 +166,12 @@ def _stage(name: str, done: Path, reuse: bool, times: dict, fn):
     print(f"[demo] {name} done in {times[name]:.0f}s", flush=True)
 
 
+def seed_dir(out: Path, seed: int) -> Path:
+    """Where seed ``seed`` of a demo in ``out`` writes: ``out`` itself for seed 0 (the
+    single-seed layout), ``out/seed-s`` otherwise."""
+    return out if seed == 0 else out / f"seed-{seed}"
+
+
 @dataclass
 class SeedResult:
     """One seed's figures: accuracy and validation accuracy per method, the test outcomes
@@ -187,7 +193,7 @@ def run_seed(config: DemoConfig, out: Path, seed: int, times: dict) -> SeedResul
     first = seed == config.first_seed
     default, on = out / "default", dict(device=config.device, dtype=config.dtype)
     train, val, test = default / "train.jsonl", default / "val.jsonl", default / TEST_FILE
-    run = out if seed == 0 else out / f"seed-{seed}"
+    run = seed_dir(out, seed)
     tag = "" if seed == 0 else f" (seed {seed})"
     trajectories = run / "trajectories.jsonl"
     _stage("sample" + tag, trajectories, config.reuse, times, lambda: run_sample(SampleConfig(
@@ -290,7 +296,7 @@ def demo_iterate(config: DemoConfig, out: Path, results: dict, times: dict) -> d
     Every round's policy is evaluated greedily on the test set."""
     from oreo_fast.pipeline.iterate import IterateConfig, run_iterate
 
-    run = out if config.first_seed == 0 else out / f"seed-{config.first_seed}"
+    run = seed_dir(out, config.first_seed)
     default, curves = out / "default", {}
     for name, overrides, nproc in (("rft", ["algorithm=rft", *config.rft_overrides], 1),
                                    ("oreo", config.oreo_overrides, config.nproc)):

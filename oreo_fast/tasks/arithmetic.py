@@ -27,6 +27,7 @@ from oreo_fast.config import reject, require_at_least
 
 OPS = ("+", "-", "*", "/")
 _WORDS = {"+": "Add {}.", "-": "Subtract {}.", "*": "Multiply by {}.", "/": "Divide by {}."}
+_OPS_BY_WORD = {w.removesuffix(" {}."): op for op, w in _WORDS.items()}  # "Multiply by": "*"
 DISTRACTORS = ("Tom has {} pens.", "A box holds {} cups.", "The bus has {} seats.")
 
 
@@ -198,10 +199,10 @@ def solve(question: str) -> int:
     for s in sentences[1:]:
         if s.startswith("What"):
             break
-        if not s.startswith(("Add", "Subtract", "Multiply", "Divide")):
-            continue  # a distractor fact
         word, _, arg = s.rpartition(" ")
+        op = _OPS_BY_WORD.get(word)
+        if op is None:
+            continue  # a distractor fact
         b = int(arg)
-        value = {"Add": value + b, "Subtract": value - b,
-                 "Multiply by": value * b, "Divide by": value // b}[word]
+        value = {"+": value + b, "-": value - b, "*": value * b, "/": value // b}[op]
     return value
