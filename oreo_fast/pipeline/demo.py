@@ -41,11 +41,11 @@ from oreo_fast.tokenizer import load_tokenizer
 # 5e-6 suits 1.5B-7B models; Adam's step is about the lr, so this model, whose SFT used 2e-3,
 # needs far larger ones.
 OREO_OVERRIDES = ["global_batch_size=128", "micro_batch_size=32", "policy_lr=1e-3",
-                  "value_lr=1e-3", "beta=0.03", "kl_coef=0.01", "level=step", "epochs=1",
+                  "value_lr=1e-3", "beta=0.03", "kl_coef=0.01", "level=token", "epochs=1",
                   "max_length=256", "warmup_ratio=0.03"]
 # The embedded default's SFT and sampling settings, explicit: the job defaults are for real
 # models (oreo_fast.pipeline.sft.SFTConfig, max_new_tokens 1024)
-EMBEDDED_SFT = dict(epochs=18.0, batch_size=32, lr=2e-3, min_lr_ratio=0.1, warmup_steps=20,
+EMBEDDED_SFT = dict(epochs=30.0, batch_size=32, lr=2e-3, min_lr_ratio=0.1, warmup_steps=20,
                     max_length=256)
 EMBEDDED_MAX_NEW_TOKENS = 128
 RFT_OVERRIDES = ["global_batch_size=128", "micro_batch_size=32", "policy_lr=3e-3", "epochs=1",
