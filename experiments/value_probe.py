@@ -37,7 +37,8 @@ from pathlib import Path
 import torch
 
 LABELS = ("outcome", "prefix_correct", "line_arithmetic", "result_parity")
-_LINE = re.compile(r"(\d+) ([-+*/]) (\d+) = (\d+)$")
+# a solution line, after the sentence it cites ("Add 7: 12 + 7 = 19"; older files: no citation)
+_LINE = re.compile(r"(?:[^:\n]*: )?(\d+) ([-+*/]) (\d+) = (\d+)$")
 _APPLY = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b,
           "/": lambda a, b: a // b if a % b == 0 else None}
 

@@ -1,10 +1,11 @@
 """The embedded synthetic task: a start number and a chain of 2 to 4 arithmetic operations.
 
 Question: ``Start with 12. Multiply by 3. Add 7. What is the result?``
-Gold solution, one line per step, GSM8K's answer convention at the end::
+Gold solution, one line per step, each citing the sentence it uses, GSM8K's answer convention
+at the end::
 
-    12 * 3 = 36
-    36 + 7 = 43
+    Multiply by 3: 12 * 3 = 36
+    Add 7: 36 + 7 = 43
     #### 43
 
 Every intermediate value stays in ``[0, max_value]`` and divisions are exact, so answers are
@@ -13,10 +14,11 @@ Train and test are drawn from one pool of distinct questions, so they never shar
 
 Half the questions (``distractor_rate``) carry an irrelevant fact with a number before one
 operation (``Start with 12. Tom has 5 pens. Add 7. ...``). The SFT data is not the gold
-solutions but a careless demonstrator's: after a distractor it uses the fact's number as the
-next operand (``12 + 5 = 17``) with probability ``misread_rate``. So a converged SFT model
-still fails most distractor problems, with one visible wrong step, and outcome rewards (from
-the gold answers) can teach it not to.
+solutions but a careless demonstrator's: after a distractor it cites the fact and uses its
+number as the next operand (``Tom has 5 pens: 12 + 5 = 17``) with probability
+``misread_rate``. So a converged SFT model still fails most distractor problems, and outcome
+rewards (from the gold answers) can teach it not to. The wrong step is visible in the text
+(a line citing a fact that is no operation), so a small value model can learn to see it.
 """
 from __future__ import annotations
 
@@ -102,14 +104,18 @@ def _step(rng: random.Random, value: int, cfg: ArithmeticConfig) -> tuple[str, i
     return None
 
 
-def _run(start: int, steps: list[tuple[str, int]], cfg: ArithmeticConfig) -> list[str] | None:
-    """The solution lines of ``steps`` from ``start`` (None if a step is invalid)."""
+def _run(start: int, steps: list[tuple[str, int]], cfg: ArithmeticConfig,
+         cited: dict[int, str] | None = None) -> list[str] | None:
+    """The solution lines of ``steps`` from ``start`` (None if a step is invalid). Each line
+    first cites the question's sentence it uses, then computes: ``Add 7: 12 + 7 = 19``;
+    ``cited`` replaces the sentence of some steps (step index -> sentence, no full stop)."""
     value, lines = start, []
-    for op, b in steps:
+    for k, (op, b) in enumerate(steps):
         new = _apply(op, value, b, cfg)
         if new is None:
             return None
-        lines.append(f"{value} {op} {b} = {new}")
+        sentence = (cited or {}).get(k, _WORDS[op].format(b).removesuffix("."))
+        lines.append(f"{sentence}: {value} {op} {b} = {new}")
         value = new
     return lines + [f"#### {value}"]
 
@@ -147,22 +153,25 @@ def make_problem(rng: random.Random, cfg: ArithmeticConfig) -> tuple[str, str, i
 
     With probability ``distractor_rate`` an irrelevant fact with a number (``Tom has 8
     pens.``) precedes one operation; the demonstrator then misreads it as that operation's
-    operand with probability ``misread_rate``, so its solution differs from the gold one
-    from that line on, each line still computed right."""
+    operand with probability ``misread_rate`` (its line cites the fact: ``Tom has 8 pens: 12
+    + 8 = 20``), so its solution differs from the gold one from that line on, each line
+    still computed right."""
     start, steps = _chain(rng, cfg)
     sentences = [f"Start with {start}."] + [_WORDS[op].format(b) for op, b in steps]
-    demonstrated = steps
+    demonstrated, cited = steps, None
     if cfg.distractor_rate and rng.random() < cfg.distractor_rate:
         found = _distractor(rng, start, steps, cfg)
         if found is not None:
             k, n = found
-            sentences.insert(k + 1, rng.choice(DISTRACTORS).format(n))
+            fact = rng.choice(DISTRACTORS).format(n)
+            sentences.insert(k + 1, fact)
             if rng.random() < cfg.misread_rate:
                 demonstrated = steps[:k] + [(steps[k][0], n)] + steps[k + 1:]
+                cited = {k: fact.removesuffix(".")}
     question = " ".join(sentences) + " What is the result?"
     gold = _run(start, steps, cfg)
     answer = int(gold[-1].removeprefix("#### "))
-    return question, "\n".join(gold), answer, "\n".join(_run(start, demonstrated, cfg))
+    return question, "\n".join(gold), answer, "\n".join(_run(start, demonstrated, cfg, cited))
 
 
 def generate_splits(cfg: ArithmeticConfig) -> tuple[list[dict], list[dict]]:
