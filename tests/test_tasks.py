@@ -7,7 +7,7 @@ import pytest
 from oreo_fast.errors import DataError
 from oreo_fast.tasks import (ArithmeticConfig, Problem, extract_gsm8k_answer, format_prompt,
                              generate_splits, last_boxed, load_problems, verify)
-from oreo_fast.tasks.arithmetic import DISTRACTORS, solve
+from oreo_fast.tasks.arithmetic import DISTRACTORS, OP_SENTENCES, solve
 
 
 def test_task_is_deterministic_and_seeded():
@@ -36,9 +36,9 @@ def test_gold_solutions_are_correct_and_respect_knobs(knobs):
         assert cfg.min_steps <= len(steps) <= cfg.max_steps
         value = None
         for line in steps:  # every step line is true arithmetic and chains on the last result
-            a, op, b, eq, c = line.split(" ")
-            a, b, c = int(a), int(b), int(c)
-            assert op in cfg.ops and eq == "="
+            cited, a, op, b, c = _parse(line)
+            assert op in cfg.ops and cited == OP_SENTENCES[op].format(b).removesuffix(".")
+            assert cited + "." in p["question"]  # the sentence it uses
             assert value is None or a == value
             assert c == {"+": a + b, "-": a - b, "*": a * b, "/": a // b}[op]
             assert op != "/" or a % b == 0
@@ -46,6 +46,14 @@ def test_gold_solutions_are_correct_and_respect_knobs(knobs):
             value = c
         assert lines[-1] == f"#### {value}"
         assert solve(p["question"]) == value
+
+
+def _parse(line: str) -> tuple[str, int, str, int, int]:
+    """``Add 7: 12 + 7 = 19`` -> ("Add 7", 12, "+", 7, 19)."""
+    cited, colon, arithmetic = line.partition(": ")
+    a, op, b, eq, c = arithmetic.split(" ")
+    assert colon and eq == "="
+    return cited, int(a), op, int(b), int(c)
 
 
 def _distractor(question: str) -> tuple[int, int] | None:
@@ -70,16 +78,18 @@ def test_distractors_and_the_demonstrators_misreads():
         with_distractor += 1
         k, n = found
         assert shown[:k] == gold[:k]  # the same lines up to the misread one
-        a, op, b, _, _ = gold[k].split(" ")
-        a2, op2, b2, _, c2 = shown[k].split(" ")
-        assert (a2, op2) == (a, op) and int(b2) == n != int(b)  # the distractor as operand
-        value = int(c2)  # and the demonstrator goes on right from its own wrong value
+        _, a, op, b, _ = _parse(gold[k])
+        cited, a2, op2, b2, value = _parse(shown[k])
+        assert (a2, op2) == (a, op) and b2 == n != b  # the distractor as operand
+        # and its line cites the fact it misread, the sentence before the operation's
+        fact = [x.strip() for x in p["question"].split(".")][k + 1]
+        assert cited == fact and cited.startswith(tuple(d.split("{}")[0] for d in DISTRACTORS))
+        # then the demonstrator goes on right from its own wrong value
         for g, line in zip(gold[k + 1:-1], shown[k + 1:-1]):
-            x, op, y, _, z = line.split(" ")
-            assert int(x) == value and (op, y) == tuple(g.split(" ")[1:3])
-            assert int(z) == {"+": value + int(y), "-": value - int(y), "*": value * int(y),
-                              "/": value // int(y)}[op]
-            value = int(z)
+            cited, x, op, y, z = _parse(line)
+            assert x == value and (cited, op, y) == _parse(g)[:1] + _parse(g)[2:4]
+            assert z == {"+": value + y, "-": value - y, "*": value * y, "/": value // y}[op]
+            value = z
         assert shown[-1] == f"#### {value}" and solve(p["question"]) == int(gold[-1][5:])
     assert with_distractor > 300
 

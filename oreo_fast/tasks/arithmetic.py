@@ -28,8 +28,9 @@ from dataclasses import dataclass
 from oreo_fast.config import reject, require_at_least
 
 OPS = ("+", "-", "*", "/")
-_WORDS = {"+": "Add {}.", "-": "Subtract {}.", "*": "Multiply by {}.", "/": "Divide by {}."}
-_OPS_BY_WORD = {w.removesuffix(" {}."): op for op, w in _WORDS.items()}  # "Multiply by": "*"
+OP_SENTENCES = {"+": "Add {}.", "-": "Subtract {}.", "*": "Multiply by {}.", "/": "Divide by {}."}
+# "Multiply by": "*"
+_OPS_BY_WORD = {w.removesuffix(" {}."): op for op, w in OP_SENTENCES.items()}
 DISTRACTORS = ("Tom has {} pens.", "A box holds {} cups.", "The bus has {} seats.")
 
 
@@ -114,7 +115,7 @@ def _run(start: int, steps: list[tuple[str, int]], cfg: ArithmeticConfig,
         new = _apply(op, value, b, cfg)
         if new is None:
             return None
-        sentence = (cited or {}).get(k, _WORDS[op].format(b).removesuffix("."))
+        sentence = (cited or {}).get(k, OP_SENTENCES[op].format(b).removesuffix("."))
         lines.append(f"{sentence}: {value} {op} {b} = {new}")
         value = new
     return lines + [f"#### {value}"]
@@ -157,7 +158,7 @@ def make_problem(rng: random.Random, cfg: ArithmeticConfig) -> tuple[str, str, i
     + 8 = 20``), so its solution differs from the gold one from that line on, each line
     still computed right."""
     start, steps = _chain(rng, cfg)
-    sentences = [f"Start with {start}."] + [_WORDS[op].format(b) for op, b in steps]
+    sentences = [f"Start with {start}."] + [OP_SENTENCES[op].format(b) for op, b in steps]
     demonstrated, cited = steps, None
     if cfg.distractor_rate and rng.random() < cfg.distractor_rate:
         found = _distractor(rng, start, steps, cfg)
