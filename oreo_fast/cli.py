@@ -144,7 +144,9 @@ def cmd_iterate(args):
 def cmd_demo(args):
     from oreo_fast.pipeline.demo import DemoConfig, run_demo
 
-    run_demo(config_from_args(args, DemoConfig, threads=args.threads or 1))
+    # --threads N: N threads everywhere (the training processes and the in-process stages)
+    run_demo(config_from_args(args, DemoConfig, threads=args.threads or 1,
+                              **({"stage_threads": args.threads} if args.threads else {})))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -59,7 +59,11 @@ class DemoConfig:
     n_test: int = 1000  # held-out test problems: the task's test split, then fresh ones
     n_val: int = 500  # fresh problems to choose knobs on (never the test split)
     nproc: int = 2  # OREO training processes (torchrun)
-    threads: int = 1  # torch threads per process (1: the tiny model's fastest, measured)
+    threads: int = 1  # torch threads per training process (1: the tiny model's fastest)
+    # torch threads of the stages run in this process (SFT, sampling, evaluation, search):
+    # fixed rather than torch's default (the core count), so that the numerics do not change
+    # with the machine's core count
+    stage_threads: int = 2
     device: str = "auto"  # every stage: "auto" (CUDA when present), cpu, cuda
     dtype: str = "auto"  # sampling, eval and search ("auto": bf16 on CUDA, fp32 on CPU)
     reuse: bool = False  # keep finished stages of an earlier run in out
@@ -75,7 +79,7 @@ class DemoConfig:
 
     def __post_init__(self):
         require_at_least(self, 1, "samples_per_problem", "n_test", "n_val", "nproc", "threads",
-                         "seeds", "sweep_problems")
+                         "stage_threads", "seeds", "sweep_problems")
         require_at_least(self, 0, "first_seed", "sft_seed", "iterate")
         if self.quick:
             self.seeds = 1
@@ -244,6 +248,17 @@ METHODS = ("sft", "rft", "oreo", "oreo_beam")
 
 
 def run_demo(config: DemoConfig) -> dict:
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(config.stage_threads)
+    try:
+        return _run_stages(config)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _run_stages(config: DemoConfig) -> dict:
     from oreo_fast.pipeline.embedded import EmbeddedConfig, build_default
     from oreo_fast.pipeline.sft import SFTConfig, run_sft
 
@@ -280,7 +295,8 @@ def run_demo(config: DemoConfig) -> dict:
                "samples_per_problem": config.samples_per_problem,
                "seconds": times, "oreo_overrides": config.oreo_overrides,
                "rft_overrides": config.rft_overrides, "nproc": config.nproc,
-               "threads": config.threads, **machine_facts()}
+               "threads": config.threads, "stage_threads": config.stage_threads,
+               **machine_facts()}
     if config.iterate > 1:
         results["iterate"] = demo_iterate(config, out, results, times)
     write_json(out / "results.json", results)

@@ -101,7 +101,10 @@ def test_demo_passes_the_device_to_every_stage(default, loads, tmp_path, monkeyp
     from oreo_fast.pipeline import demo, evaluate, sample, sft
 
     seen, real_beam_search = {}, demo.demo_beam_search
-    monkeypatch.setattr(sft, "run_sft", lambda c: seen.setdefault("sft", c))
+    def fake_sft(config):  # and the torch threads the in-process stages run with
+        seen.update(sft=config, sft_threads=torch.get_num_threads())
+
+    monkeypatch.setattr(sft, "run_sft", fake_sft)
     monkeypatch.setattr(sample, "run_sample", lambda c: seen.setdefault("sample", c))
     monkeypatch.setattr(evaluate, "run_eval", lambda c: (seen.setdefault("eval", c), {
         "greedy_accuracy": 0.5, "n_problems": 3, "greedy_correct": [1, 0, 1]})[1])
@@ -115,8 +118,13 @@ def test_demo_passes_the_device_to_every_stage(default, loads, tmp_path, monkeyp
     shutil.copytree(default["model"].parent, out / "default")
     for name in ("val.jsonl", demo.TEST_FILE):
         (out / "default" / name).write_text((out / "default" / "test.jsonl").read_text())
+    threads = torch.get_num_threads()
+    stage_threads = 3 if threads != 3 else 2
     results = demo.run_demo(demo.DemoConfig(out=str(out), reuse=True, seeds=seeds,
-                                            first_seed=first_seed, sft_seed=first_seed, **ASKED))
+                                            first_seed=first_seed, sft_seed=first_seed,
+                                            stage_threads=stage_threads, **ASKED))
+    assert seen["sft_threads"] == stage_threads == results["stage_threads"]
+    assert torch.get_num_threads() == threads  # restored
     for stage in ("sft", "sample", "eval"):
         assert (seen[stage].device, seen[stage].dtype) == ("meta", "bfloat16"), stage
     assert all("device=meta" in overrides for overrides in seen["train"])
