@@ -13,8 +13,8 @@ not yet learned the demonstrator's habit.
 
 ``--run`` is an ``oreo-fast demo`` folder (its ``default/`` holds the model, ``sft.jsonl`` and
 the splits). The run's own SFT is reused for the seed it was trained with (``results.json``'s
-``sft_seed``, at its ``threads``); ``--epochs`` overrides the epoch count (then nothing is
-reused). Each finished
+``sft_seed``, at its ``stage_threads``); ``--epochs`` overrides the epoch count (then nothing
+is reused). Each finished
 seed is written to ``--out`` at once and not trained again, so an interrupted run resumes.
 """
 from __future__ import annotations
@@ -86,7 +86,8 @@ def main(argv=None):
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--epochs", type=float, help="override EMBEDDED_SFT's epoch count")
     p.add_argument("--work", type=Path, help="SFT folders (default RUN/sft_seeds)")
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (the demo's 1)")
+    p.add_argument("--threads", type=int, default=2,
+                   help="torch CPU threads (the demo's stage_threads, 2)")
     p.add_argument("--out", required=True, type=Path)
     args = p.parse_args(argv)
     import torch
@@ -105,7 +106,7 @@ def main(argv=None):
         if str(seed) in by_seed:
             continue
         reuse = (seed == demo.get("sft_seed", 0) and args.epochs is None
-                 and args.threads == demo.get("threads"))
+                 and args.threads == demo.get("stage_threads"))
         by_seed[str(seed)] = train_and_score(args.run, seed, args.epochs,
                                              args.work or args.run / "sft_seeds", reuse)
         for split in ("val", "test"):

@@ -96,17 +96,23 @@ def main(argv=None):
                    metavar=("NAME", "OVERRIDE"), help="a name then its overrides")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     p.add_argument("--nproc", type=int, default=2, help="OREO training processes")
-    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--threads", type=int, default=1, help="torch threads per training process")
+    p.add_argument("--stage-threads", type=int, default=2,
+                   help="torch threads of the evaluation, run in this process (the demo's 2)")
     p.add_argument("--work", type=Path, help="training folders (default RUN/tune)")
     p.add_argument("--out", required=True, type=Path)
     args = p.parse_args(argv)
+    import torch
+
+    torch.set_num_threads(args.stage_threads)
     work = args.work or args.run / "tune"
     results = {}
     if args.out.exists():
         results = json.loads(args.out.read_text())
     results.update({"run": str(args.run), "algorithm": args.algorithm,
                     "base_overrides": RFT_OVERRIDES if args.algorithm == "rft"
-                    else OREO_OVERRIDES, "split": "validation", **machine_facts()})
+                    else OREO_OVERRIDES, "split": "validation", "threads": args.threads,
+                    "stage_threads": args.stage_threads, **machine_facts()})
     configs = results.setdefault("configs", {})
     for name, *overrides in args.config:
         entry = configs.setdefault(name, {"overrides": overrides, "seeds": {}})

@@ -45,7 +45,7 @@ def test_the_demo_sft_is_reused_and_other_seeds_trained(tmp_path, monkeypatch):
     for split in ("val.jsonl", "test_held_out.jsonl"):
         write_jsonl(run / "default" / split, [{"id": str(i), "question": q, "answer": "#### 3"}
                                               for i, q in enumerate(questions)])
-    (run / "results.json").write_text(json.dumps({"sft_seed": 0, "threads": 1}))
+    (run / "results.json").write_text(json.dumps({"sft_seed": 0, "stage_threads": 2}))
     for split in ("val", "test"):
         (run / f"eval_sft_{split}.json").write_text(json.dumps({"greedy_correct": [0, 1]}))
     trained = []
