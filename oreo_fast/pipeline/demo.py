@@ -308,8 +308,9 @@ def _run_stages(config: DemoConfig) -> dict:
 def demo_iterate(config: DemoConfig, out: Path, results: dict, times: dict) -> dict:
     """Iterated RFT and iterated OREO (the paper's Figure 2): the first seed's RFT and OREO are
     round 1; each further round samples from the last round's policy and trains on those
-    samples (OREO also from the last value model, its reference the round's starting policy).
-    Every round's policy is evaluated greedily on the test set."""
+    samples (OREO with the round's starting policy as its reference and so a fresh value
+    model: ``run_iterate``'s "auto"). Every round's policy is evaluated greedily on the test
+    set."""
     from oreo_fast.pipeline.iterate import IterateConfig, run_iterate
 
     run = seed_dir(out, config.first_seed)
@@ -317,9 +318,8 @@ def demo_iterate(config: DemoConfig, out: Path, results: dict, times: dict) -> d
     for name, overrides, nproc in (("rft", ["algorithm=rft", *config.rft_overrides], 1),
                                    ("oreo", config.oreo_overrides, config.nproc)):
         t0 = time.time()
-        value = str(run / name / "value") if name == "oreo" else ""
         report = run_iterate(IterateConfig(
-            policy=str(run / name / "policy"), value=value,
+            policy=str(run / name / "policy"),
             problems=str(default / "train.jsonl"), out=str(out / "iterate" / name),
             rounds=config.iterate - 1, k=config.samples_per_problem,
             max_new_tokens=EMBEDDED_MAX_NEW_TOKENS, eval_problems=str(default / TEST_FILE),

@@ -1,8 +1,16 @@
 """Iterative OREO: rounds of sample -> train, each round starting from the last policy.
 
 Round r samples K responses per problem from the current policy, verifies them, and trains
-OREO on them (policy from the current one, value model carried over from the last round, the
-reference being the round's starting policy unless ``reference="initial"``).
+OREO on them: the policy from the current one, the reference being the round's starting policy
+unless ``reference="initial"``.
+
+The value model starts fresh each round (from the round's starting policy, zero head) when the
+reference moves, and carries over from the last round when it stays (``value_each_round``
+"auto"). OREO's value is soft: it regresses R - beta * sum of log(pi / pi_ref), so it is
+relative to its reference. Carried into a round whose reference is the last policy, it is off
+by the old log-ratios, and the first updates push the policy by (V - R) / beta per token on
+every sample; with the embedded task this drove V above 1 and the policy to 0 accuracy in one
+round (README, "Iterated RFT and OREO").
 """
 from __future__ import annotations
 
@@ -70,6 +78,9 @@ class IterateConfig:
     problems: str  # training problems (GSM8K or MATH shape)
     out: str  # folder for the rounds
     value: str = ""  # the first round's value model (e.g. an earlier OREO run's); empty: policy
+    # later rounds' value: "carry" (the last round's), "fresh" (from the round's starting
+    # policy), "auto" (carry when the reference is "initial", else fresh: see the docstring)
+    value_each_round: str = "auto"
     rounds: int = 3
     k: int = 8  # responses per problem per round
     temperature: float = 1.0
@@ -93,6 +104,7 @@ class IterateConfig:
         require_at_least(self, 0, "threads")
         check_device_and_dtype(self)
         require_choice(self, "reference", ("previous", "initial"))
+        require_choice(self, "value_each_round", ("auto", "carry", "fresh"))
         require_choice(self, "prompt_format", ("auto", "plain", "chat"))
         check_sampling(self)
         if any(o.replace(" ", "") == "lora_export=adapter" for o in self.train_overrides):
@@ -107,6 +119,8 @@ def run_iterate(config: IterateConfig) -> dict:
 
     out = Path(config.out)
     policy, value = Path(config.policy), Path(config.value) if config.value else None
+    carry = config.value_each_round == "carry" or (config.value_each_round == "auto"
+                                                   and config.reference == "initial")
     rounds = []
     for r in range(config.rounds):
         t0 = time.time()
@@ -125,8 +139,8 @@ def run_iterate(config: IterateConfig) -> dict:
                      *([f"value={value}"] if value else []), *config.train_overrides]
         launch_training(overrides, config.nproc, folder / "train.log", config.threads)
         policy = folder / "policy"
-        if (folder / "value").exists():  # OREO's; RFT trains none
-            value = folder / "value"
+        # OREO's value (RFT trains none), or none: the next round builds a fresh one
+        value = folder / "value" if carry and (folder / "value").exists() else None
         stats = json.loads(Path(str(trajectories) + ".stats.json").read_text())
         row = {"round": r, "policy": str(policy), "sample_reward_rate": stats.get("reward_rate"),
                "seconds": time.time() - t0}

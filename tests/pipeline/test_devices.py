@@ -244,9 +244,14 @@ def test_demo_test_set_extends_the_task_test_split_with_fresh_problems(tmp_path)
     assert not set(held_out) & set(val) and not set(val) & set(questions["train.jsonl"])
 
 
-def test_iterate_chains_the_value_only_where_one_was_trained(tmp_path, monkeypatch):
-    """OREO's rounds start from the given value model, then from the last round's; RFT's
-    rounds, which train none, never name one."""
+@pytest.mark.parametrize("each_round,reference,carries", [
+    ("auto", "previous", False), ("auto", "initial", True), ("carry", "previous", True),
+    ("fresh", "initial", False)])
+def test_iterate_chains_the_value_only_where_one_was_trained(tmp_path, monkeypatch, each_round,
+                                                             reference, carries):
+    """OREO's first round starts from the given value model, later rounds from the last
+    round's when the value carries over (by default only while the reference stays), else
+    from none (a fresh one); RFT's rounds, which train none, never name one."""
     from oreo_fast.pipeline import iterate
 
     for trains_value in (True, False):
@@ -267,10 +272,13 @@ def test_iterate_chains_the_value_only_where_one_was_trained(tmp_path, monkeypat
         out = tmp_path / str(trains_value)
         iterate.run_iterate(iterate.IterateConfig(
             policy="p", problems="q", out=str(out), rounds=3, k=2, device="cpu",
-            value="v0" if trains_value else ""))
-        if trains_value:
+            value="v0" if trains_value else "", value_each_round=each_round,
+            reference=reference))
+        if trains_value and carries:
             assert launched == [["value=v0"], [f"value={out / 'round-0' / 'value'}"],
                                 [f"value={out / 'round-1' / 'value'}"]]
+        elif trains_value:
+            assert launched == [["value=v0"], [], []]
         else:
             assert launched == [[], [], []]
 
@@ -291,6 +299,6 @@ def test_demo_iterate_continues_from_the_first_seeds_runs(tmp_path, monkeypatch)
     rft, oreo = configs
     assert rft.rounds == oreo.rounds == 2 and "algorithm=rft" in rft.train_overrides
     assert rft.policy == str(tmp_path / "seed-2" / "rft" / "policy") and rft.value == ""
-    assert oreo.value == str(tmp_path / "seed-2" / "oreo" / "value")
+    assert oreo.value == "" and oreo.reference == "previous"  # so a fresh value each round
     assert oreo.train_overrides == demo.OREO_OVERRIDES and oreo.nproc == config.nproc
     assert report["test_accuracy_by_round"] == {"rft": [0.5, 0.1, 0.2], "oreo": [0.55, 0.1, 0.2]}

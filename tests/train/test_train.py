@@ -309,7 +309,7 @@ def test_iterate_chains_rounds_from_the_last_policy(tiny, tmp_path):
     out = tmp_path / "iter"
     summary = run_iterate(IterateConfig(
         policy=str(root / "policy"), problems=str(problems), out=str(out), rounds=2, k=2,
-        max_new_tokens=12, eval_problems=str(problems),
+        max_new_tokens=12, eval_problems=str(problems), value_each_round="carry",
         train_overrides=["global_batch_size=8", "micro_batch_size=8", "max_length=128",
                          "keep_truncated=true"]))  # a random policy rarely ends in 12 tokens
     assert [r["round"] for r in summary["rounds"]] == [0, 1]
