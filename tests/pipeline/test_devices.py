@@ -110,10 +110,14 @@ def test_demo_passes_the_device_to_every_stage(default, loads, tmp_path, monkeyp
         "greedy_accuracy": 0.5, "n_problems": 3, "greedy_correct": [1, 0, 1]})[1])
     monkeypatch.setattr(demo, "launch_training",
                         lambda overrides, *a: seen.setdefault("train", []).append(overrides))
-    monkeypatch.setattr(demo, "demo_beam_search", lambda *a, **k: (seen.setdefault(
-        "beam", k), {"test": 0.5, "val": 0.5, "config": {"beams": 1, "candidates": 1},
-                     "test_correct": [0, 1, 1], "val_correct": [1, 1, 0],
-                     "sweep": {"accuracy_by_beams": {}}})[1])
+    def fake_beam_search(run_dir, test_file, val_file, **k):
+        seen.setdefault("beam", k)
+        seen.setdefault("beam_val", []).append(val_file)
+        return {"test": 0.5, "config": {"beams": 1, "candidates": 1}, "test_correct": [0, 1, 1],
+                **({"val": 0.5, "val_correct": [1, 1, 0]} if val_file else {}),
+                "sweep": {"accuracy_by_beams": {}}}
+
+    monkeypatch.setattr(demo, "demo_beam_search", fake_beam_search)
     out = tmp_path / "demo"
     shutil.copytree(default["model"].parent, out / "default")
     for name in ("val.jsonl", demo.TEST_FILE):
@@ -135,6 +139,8 @@ def test_demo_passes_the_device_to_every_stage(default, loads, tmp_path, monkeyp
     assert results["seeds"] == seeds and len(results["per_seed"]["oreo"]) == seeds
     assert len(results["per_seed"]["sft"]) == 1  # one SFT checkpoint
     assert seen["beam"]["sweep"] is True  # the first seed's beam stage sweeps
+    # and searches the validation problems too; the other seeds the test problems only
+    assert seen["beam_val"] == [out / "default" / "val.jsonl"] + [None] * (seeds - 1)
     assert {k: seen["beam"][k] for k in ASKED} == ASKED
     # the beam stage itself: policy and value on the asked device
     run = tmp_path / "run"
