@@ -35,17 +35,17 @@ from oreo_fast.search.evaluate import load_value, search_accuracy
 from oreo_fast.tasks.problems import load_problems
 from oreo_fast.tokenizer import load_tokenizer
 
-# Knobs for the 0.8M-parameter embedded model, the best of 5 configurations each for OREO and
+# Knobs for the 0.8M-parameter embedded model, the best of 4 configurations each for OREO and
 # RFT on the validation split, 2 seeds each (experiments/tune.py; figures in
-# benchmarks/results/tune_*_cpu_2026-11-30.json and the README, "The demo"). The paper's lr
-# 5e-6 suits 1.5B-7B models; Adam's step is about the lr, so this model, whose SFT used 2e-3,
-# needs far larger ones.
+# benchmarks/results/tune_*_cpu_2026-11-30_cited-lines.json and the README, "The demo"). The
+# paper's lr 5e-6 suits 1.5B-7B models; Adam's step is about the lr, so this model, whose SFT
+# used 2e-3, needs far larger ones.
 OREO_OVERRIDES = ["global_batch_size=128", "micro_batch_size=32", "policy_lr=1e-3",
                   "value_lr=1e-3", "beta=0.03", "kl_coef=0.01", "level=token", "epochs=1",
                   "max_length=256", "warmup_ratio=0.03"]
 # The embedded default's SFT and sampling settings, explicit: the job defaults are for real
 # models (oreo_fast.pipeline.sft.SFTConfig, max_new_tokens 1024)
-EMBEDDED_SFT = dict(epochs=30.0, batch_size=32, lr=2e-3, min_lr_ratio=0.1, warmup_steps=20,
+EMBEDDED_SFT = dict(epochs=24.0, batch_size=32, lr=2e-3, min_lr_ratio=0.1, warmup_steps=20,
                     max_length=256)
 EMBEDDED_MAX_NEW_TOKENS = 128
 RFT_OVERRIDES = ["global_batch_size=128", "micro_batch_size=32", "policy_lr=3e-3", "epochs=1",
@@ -59,7 +59,7 @@ class DemoConfig:
     n_test: int = 1000  # held-out test problems: the task's test split, then fresh ones
     n_val: int = 500  # fresh problems to choose knobs on (never the test split)
     nproc: int = 2  # OREO training processes (torchrun)
-    threads: int = 1  # torch threads per training process (1: the tiny model's fastest)
+    threads: int = 1  # torch threads per OREO training process (1: the tiny model's fastest)
     # torch threads of the stages run in this process (SFT, sampling, evaluation, search):
     # fixed rather than torch's default (the core count), so that the numerics do not change
     # with the machine's core count
@@ -76,6 +76,12 @@ class DemoConfig:
     sweep_problems: int = 100  # beam-width sweep (first seed only) on this many test problems
     oreo_overrides: list[str] = field(default_factory=lambda: list(OREO_OVERRIDES))
     rft_overrides: list[str] = field(default_factory=lambda: list(RFT_OVERRIDES))
+
+    @property
+    def rft_threads(self) -> int:
+        """RFT trains in one process: it gets the threads of all of OREO's (measured on 2
+        cores: 43 s against 72 s with one thread)."""
+        return self.threads * self.nproc
 
     def __post_init__(self):
         require_at_least(self, 1, "samples_per_problem", "n_test", "n_val", "nproc", "threads",
@@ -212,7 +218,7 @@ def run_seed(config: DemoConfig, out: Path, seed: int, times: dict) -> SeedResul
     _stage("rft" + tag, run / "rft" / "policy" / "config.json", config.reuse, times,
            lambda: launch_training(common + ["algorithm=rft", f"output_dir={run / 'rft'}",
                                              *config.rft_overrides],
-                                   1, run / "rft.log", config.threads))
+                                   1, run / "rft.log", config.rft_threads))
     _stage("oreo" + tag, run / "oreo" / "policy" / "config.json", config.reuse, times,
            lambda: launch_training(common + [f"output_dir={run / 'oreo'}", *config.oreo_overrides],
                                    config.nproc, run / "oreo.log", config.threads))
@@ -301,7 +307,8 @@ def _run_stages(config: DemoConfig) -> dict:
                "samples_per_problem": config.samples_per_problem,
                "seconds": times, "oreo_overrides": config.oreo_overrides,
                "rft_overrides": config.rft_overrides, "nproc": config.nproc,
-               "threads": config.threads, "stage_threads": config.stage_threads,
+               "threads": config.threads, "rft_threads": config.rft_threads,
+               "stage_threads": config.stage_threads,
                **machine_facts()}
     if config.iterate > 1:
         results["iterate"] = demo_iterate(config, out, results, times)
@@ -321,15 +328,16 @@ def demo_iterate(config: DemoConfig, out: Path, results: dict, times: dict) -> d
 
     run = seed_dir(out, config.first_seed)
     default, curves = out / "default", {}
-    for name, overrides, nproc in (("rft", ["algorithm=rft", *config.rft_overrides], 1),
-                                   ("oreo", config.oreo_overrides, config.nproc)):
+    for name, overrides, nproc, threads in (
+            ("rft", ["algorithm=rft", *config.rft_overrides], 1, config.rft_threads),
+            ("oreo", config.oreo_overrides, config.nproc, config.threads)):
         t0 = time.time()
         report = run_iterate(IterateConfig(
             policy=str(run / name / "policy"),
             problems=str(default / "train.jsonl"), out=str(out / "iterate" / name),
             rounds=config.iterate - 1, k=config.samples_per_problem,
             max_new_tokens=EMBEDDED_MAX_NEW_TOKENS, eval_problems=str(default / TEST_FILE),
-            nproc=nproc, threads=config.threads, device=config.device, dtype=config.dtype,
+            nproc=nproc, threads=threads, device=config.device, dtype=config.dtype,
             seed=config.first_seed + 100, train_overrides=overrides))
         curves[name] = [results["per_seed"][name][0]] + [r["greedy_accuracy"]
                                                          for r in report["rounds"]]

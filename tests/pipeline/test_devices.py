@@ -108,8 +108,12 @@ def test_demo_passes_the_device_to_every_stage(default, loads, tmp_path, monkeyp
     monkeypatch.setattr(sample, "run_sample", lambda c: seen.setdefault("sample", c))
     monkeypatch.setattr(evaluate, "run_eval", lambda c: (seen.setdefault("eval", c), {
         "greedy_accuracy": 0.5, "n_problems": 3, "greedy_correct": [1, 0, 1]})[1])
-    monkeypatch.setattr(demo, "launch_training",
-                        lambda overrides, *a: seen.setdefault("train", []).append(overrides))
+    def fake_training(overrides, nproc, log_path, threads):
+        seen.setdefault("train", []).append(overrides)
+        seen.setdefault("train_threads", set()).add(("algorithm=rft" in overrides, nproc, threads))
+
+    monkeypatch.setattr(demo, "launch_training", fake_training)
+
     def fake_beam_search(run_dir, test_file, val_file, **k):
         seen.setdefault("beam", k)
         seen.setdefault("beam_val", []).append(val_file)
@@ -132,6 +136,8 @@ def test_demo_passes_the_device_to_every_stage(default, loads, tmp_path, monkeyp
     for stage in ("sft", "sample", "eval"):
         assert (seen[stage].device, seen[stage].dtype) == ("meta", "bfloat16"), stage
     assert all("device=meta" in overrides for overrides in seen["train"])
+    # OREO on nproc processes of `threads` threads; RFT, one process, on all of them
+    assert seen["train_threads"] == {(True, 1, 2), (False, 2, 1)}  # (RFT?, nproc, threads)
     assert sorted(o[2] for o in seen["train"]) == sorted(
         [f"seed={s}" for s in range(first_seed, first_seed + seeds)] * 2)  # rft and oreo
     assert seen["sample"].seed == first_seed and seen["sft"].seed == first_seed
@@ -307,4 +313,6 @@ def test_demo_iterate_continues_from_the_first_seeds_runs(tmp_path, monkeypatch)
     assert rft.policy == str(tmp_path / "seed-2" / "rft" / "policy") and rft.value == ""
     assert oreo.value == "" and oreo.reference == "previous"  # so a fresh value each round
     assert oreo.train_overrides == demo.OREO_OVERRIDES and oreo.nproc == config.nproc
+    assert (rft.nproc, rft.threads, oreo.threads) == (1, config.threads * config.nproc,
+                                                       config.threads)
     assert report["test_accuracy_by_round"] == {"rft": [0.5, 0.1, 0.2], "oreo": [0.55, 0.1, 0.2]}
