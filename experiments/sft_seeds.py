@@ -14,8 +14,8 @@ not yet learned the demonstrator's habit.
 ``--run`` is an ``oreo-fast demo`` folder (its ``default/`` holds the model, ``sft.jsonl`` and
 the splits). The run's own SFT is reused for the seed it was trained with (``results.json``'s
 ``sft_seed``, at its ``stage_threads``); ``--epochs`` overrides the epoch count (then nothing
-is reused). Each finished
-seed is written to ``--out`` at once and not trained again, so an interrupted run resumes.
+is reused). Each finished seed is written to ``--out`` at once and not trained again, so an
+interrupted run resumes.
 """
 from __future__ import annotations
 

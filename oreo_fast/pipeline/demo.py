@@ -25,8 +25,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from oreo_fast.config import require_at_least
-from oreo_fast.io import atomic_open, read_jsonl, write_json, write_jsonl
+from oreo_fast.io import read_jsonl, write_json, write_jsonl
 from oreo_fast.models import check_device_and_dtype, load_model, resolve_device
+from oreo_fast.pipeline.demo_report import bar_chart, format_table
 from oreo_fast.pipeline.iterate import launch_training
 from oreo_fast.pipeline.sample import encode_problems
 from oreo_fast.pipeline.stats import paired_difference, summarize
@@ -313,7 +314,7 @@ def _run_stages(config: DemoConfig) -> dict:
     if config.iterate > 1:
         results["iterate"] = demo_iterate(config, out, results, times)
     write_json(out / "results.json", results)
-    _bar_chart(accuracy, out / "results.png")
+    bar_chart(accuracy, out / "results.png")
     print(format_table(results))
     return results
 
@@ -385,46 +386,3 @@ def _device_name() -> str:
         return f"{names[0]} ({len(names)} cores)" if names else platform.machine()
     except OSError:
         return platform.machine()
-
-
-def format_table(results: dict) -> str:
-    rows = [("method", "test greedy acc (± SE)", "val greedy acc")]
-    errors = results.get("standard_errors", {})
-    for name in ("sft", "rft", "oreo", "oreo_beam"):
-        if name in results:
-            se = f" ± {errors[name]:.3f}" if name in errors else ""
-            rows.append((name.upper().replace("_", " + "), f"{results[name]:.3f}{se}",
-                         f"{results['validation'].get(name, float('nan')):.3f}"))
-    width = [max(len(r[i]) for r in rows) for i in range(3)]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, width)) for r in rows]
-    lines.insert(1, "  ".join("-" * w for w in width))
-    for pair, d in results.get("paired_differences", {}).items():
-        verdict = "excludes 0" if d["excludes_zero"] else "includes 0"
-        lines.append(f"{pair}: {d['difference']:+.3f}, 95% interval [{d['low']:+.3f}, "
-                     f"{d['high']:+.3f}] ({verdict})")
-    seeds = results.get("seeds", 1)
-    return "\n".join(lines) + (f"\n({results['n_problems']} held-out test problems, "
-                               + ("one seed)" if seeds == 1 else
-                                  f"{seeds} seeds of sampling, RFT and OREO; one SFT)"))
-
-
-def _bar_chart(accuracy: dict, path: Path) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return
-    fig, ax = plt.subplots(figsize=(4.5, 3))
-    names = list(accuracy)
-    bars = ax.bar([n.upper() for n in names], [accuracy[n] for n in names],
-                  color=["#999999", "#6f9fd8", "#d8842f", "#b0552a"][:len(names)])
-    ax.bar_label(bars, fmt="%.3f")
-    ax.set_ylabel("accuracy (held-out test)")
-    ax.set_title("Embedded default: SFT vs RFT vs OREO")
-    ax.set_ylim(0, 1)
-    fig.tight_layout()
-    with atomic_open(path, "wb") as f:
-        fig.savefig(f, format="png", dpi=100)
-    plt.close(fig)

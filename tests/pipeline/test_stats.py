@@ -53,7 +53,8 @@ def test_bad_inputs_are_refused():
 
 
 def test_the_demo_reports_standard_errors_and_paired_intervals():
-    from oreo_fast.pipeline.demo import format_table, uncertainty
+    from oreo_fast.pipeline.demo import uncertainty
+    from oreo_fast.pipeline.demo_report import format_table
 
     correct = {"sft": [[0, 1, 0, 1] * 25], "rft": [[0, 1, 1, 1] * 25],
                "oreo": [[1, 1, 1, 1] * 25]}
@@ -70,7 +71,8 @@ def test_the_demo_pools_seeds_and_the_single_sft():
     """Several seeds of RFT and OREO against SFT's one checkpoint: the means are over seeds,
     the interval of oreo - sft resamples both (here the seeds disagree, so it is wider than
     the single-seed one)."""
-    from oreo_fast.pipeline.demo import format_table, uncertainty
+    from oreo_fast.pipeline.demo import uncertainty
+    from oreo_fast.pipeline.demo_report import format_table
 
     sft = [[0, 1] * 100]
     oreo = [[1, 1] * 100, [0, 1] * 100, [1, 1] * 50 + [0, 1] * 50]
