@@ -12,7 +12,11 @@ whose runs the demo already made and evaluated on validation: they are read, not
 plus two data ablations:
 
 - ``@positives``: train on the reward-1 trajectories only (OREO without its negatives);
-- ``@k=N``: keep the first N samples of each problem (fewer samples per problem).
+- ``@k=N``: keep the first N samples of each problem (fewer samples per problem);
+
+and one of the value: ``@oracle-value`` trains OREO against the prefix oracle of
+``experiments.oracle_value`` (gold solutions from ``RUN/default/train.jsonl``) in place of
+its value model.
 
     python -m experiments.tune --run runs/demo --algorithm oreo --seeds 0 1 \\
         --config lr3e-4 policy_lr=3e-4 value_lr=3e-4 --config kl0.3 kl_coef=0.3 \\
@@ -35,16 +39,20 @@ from oreo_fast.pipeline.demo import (EMBEDDED_MAX_NEW_TOKENS, OREO_OVERRIDES, RF
 from oreo_fast.pipeline.iterate import launch_training
 
 
+ORACLE_VALUE = "@oracle-value"
+
+
 def trajectories_of(run: Path, seed: int) -> Path:
     return seed_dir(run, seed) / "trajectories.jsonl"
 
 
 def ablated_data(source: Path, ablations: list[str], out: Path) -> Path:
-    """``source`` itself, or a filtered copy at ``out`` for the ``@`` ablations."""
-    if not ablations:
+    """``source`` itself, or a filtered copy at ``out`` for the ``@`` data ablations."""
+    data_ablations = [a for a in ablations if a != ORACLE_VALUE]  # the oracle keeps the data
+    if not data_ablations:
         return source
     records = [r for _, r in read_jsonl(source)]
-    for ablation in ablations:
+    for ablation in data_ablations:
         if ablation == "@positives":
             records = [r for r in records if r["reward"] == 1]
         elif ablation.startswith("@k="):
@@ -56,7 +64,8 @@ def ablated_data(source: Path, ablations: list[str], out: Path) -> Path:
                     kept.append(r)
             records = kept
         else:
-            raise ValueError(f"unknown ablation {ablation!r} (@positives, @k=N)")
+            raise ValueError(f"unknown ablation {ablation!r} (@positives, @k=N, "
+                             f"{ORACLE_VALUE})")
     write_jsonl(out, records)
     return out
 
@@ -75,11 +84,17 @@ def train_and_score(run: Path, algorithm: str, name: str, overrides: list[str], 
     out = work / f"{algorithm}-{name}-seed{seed}"
     data = ablated_data(trajectories_of(run, seed), ablations, out / "trajectories.jsonl")
     base = RFT_OVERRIDES if algorithm == "rft" else OREO_OVERRIDES
+    args = [f"policy={run / 'sft'}", f"train_file={data}", f"seed={seed}", "device=cpu",
+            f"output_dir={out / 'train'}", f"algorithm={algorithm}", *base, *knobs]
+    entry = "oreo_fast.train"
+    if ORACLE_VALUE in ablations:
+        if algorithm != "oreo":
+            raise ValueError(f"{ORACLE_VALUE}: only OREO has a value model")
+        entry = "experiments.oracle_value"
+        args = [f"gold={run / 'default' / 'train.jsonl'}", *args]  # its own first argument
     t0 = time.time()
-    launch_training([f"policy={run / 'sft'}", f"train_file={data}", f"seed={seed}",
-                     "device=cpu", f"output_dir={out / 'train'}", f"algorithm={algorithm}",
-                     *base, *knobs], nproc if algorithm == "oreo" else 1,
-                    out / "train.log", threads)
+    launch_training(args, nproc if algorithm == "oreo" else 1, out / "train.log", threads,
+                    module=entry)
     seconds = time.time() - t0
     report = run_eval(EvalConfig(model=str(out / "train" / "policy"),
                                  problems=str(run / "default" / "val.jsonl"), n_samples=0,

@@ -23,6 +23,11 @@ trajectories), so a value that only knows how hard a problem is scores 0.5.
 
 ``--run`` is a ``make demo`` folder (``default/train.jsonl`` with the gold solutions,
 ``trajectories.jsonl``, ``sft/``); ``--init`` another checkpoint to start the value from.
+
+An oracle value for OREO: ``--label prefix_correct --start-state --save DIR`` regresses the
+value on the prefix label at every state OREO's step level reads (the prompt's end included),
+and ``oreo-fast train value=DIR level=step`` then trains the policy against it (a very small
+``value_lr`` keeps it fixed): the upper bound of what a working value gives.
 """
 from __future__ import annotations
 
@@ -80,6 +85,16 @@ def sibling_preference(states: list[tuple[object, float, float]]) -> tuple[float
     return (score / pairs if pairs else float("nan")), pairs
 
 
+def start_label(label: str, reward: float) -> float:
+    """The label of the state before the first line (the prompt alone), which OREO's step
+    level also trains: the empty prefix is right, and its outcome is the trajectory's."""
+    if label == "prefix_correct":
+        return 1.0
+    if label == "outcome":
+        return float(reward)
+    raise ValueError(f"the start state has no {label!r} label (only prefix_correct, outcome)")
+
+
 @dataclass
 class ProbeExample:
     ids: list[int]
@@ -87,9 +102,13 @@ class ProbeExample:
     labels: list[float]  # the trained label
     prefix_correct: list[float]  # what a search needs, whatever the trained label
     group: int  # the problem's index in order of first appearance
+    compared_from: int = 0  # 1 when positions[0] is the start state (trained, not compared)
 
 
-def load_examples(run: Path, tokenizer, label: str) -> list[ProbeExample]:
+def load_examples(run: Path, tokenizer, label: str, start_state: bool = False
+                  ) -> list[ProbeExample]:
+    """The states after each line of every trajectory in ``run``; ``start_state`` adds the
+    state before the first line (trained, never compared: its siblings share its prefix)."""
     from oreo_fast.train.data import read_training_examples
     from oreo_fast.io import read_jsonl
 
@@ -103,12 +122,18 @@ def load_examples(run: Path, tokenizer, label: str) -> list[ProbeExample]:
     for record, ex in zip(records, tokenized):
         labels, checks = (step_labels(record["response"], gold[record["problem_id"]],
                                       record["reward"], name) for name in (label, "prefix_correct"))
-        starts = [i for i, s in enumerate(ex.starts_step) if s][1:]  # states after line k >= 1
-        if len(starts) != len(labels):  # e.g. an empty line: no state of its own; skip it
+        starts = [i for i, s in enumerate(ex.starts_step) if s]
+        if len(starts) != len(labels) + 1:  # e.g. an empty line: no state of its own; skip it
             skipped += 1
             continue
+        if not start_state:  # the states after line k >= 1 only
+            starts = starts[1:]
+        else:
+            labels = [start_label(label, record["reward"]), *labels]
+            checks = [1.0, *checks]
         group = group_of.setdefault(record["problem_id"], len(group_of))
-        examples.append(ProbeExample(ex.ids, [s - 1 for s in starts], labels, checks, group))
+        examples.append(ProbeExample(ex.ids, [s - 1 for s in starts], labels, checks, group,
+                                     compared_from=int(start_state)))
     if skipped:
         print(f"{path}: skipped {skipped} trajectories whose lines and states disagree")
     return examples
@@ -132,20 +157,22 @@ def evaluate(model, held_out: list[ProbeExample], batch_size: int = 128) -> dict
         batch = held_out[s:s + batch_size]
         values = model(*_pad(batch)).values
         for i, e in enumerate(batch):
-            for k, pos in enumerate(e.positions):
+            for k, pos in enumerate(e.positions[e.compared_from:], e.compared_from):
                 value = float(values[i, pos])
                 trained.append(((e.group, k), e.labels[k], value))
                 checked.append(((e.group, k), e.prefix_correct[k], value))
     model.train()
     (preference, pairs), (preference_check, pairs_check) = map(sibling_preference,
                                                                 (trained, checked))
-    return {"sibling_preference": preference, "pairs": pairs,
+    mse = sum((label - value) ** 2 for _, label, value in trained) / max(len(trained), 1)
+    return {"sibling_preference": preference, "pairs": pairs, "mse": mse,
             "sibling_preference_prefix_correct": preference_check,
             "pairs_prefix_correct": pairs_check}
 
 
 def run_probe(run: Path, label: str, init: Path | None, epochs: int, lr: float,
-              batch_size: int = 64, seed: int = 0, save: Path | None = None) -> dict:
+              batch_size: int = 64, seed: int = 0, save: Path | None = None,
+              start_state: bool = False) -> dict:
     from benchmarks.report import environment
     from oreo_fast.models import ValueModel
     from oreo_fast.tokenizer import load_tokenizer
@@ -153,7 +180,7 @@ def run_probe(run: Path, label: str, init: Path | None, epochs: int, lr: float,
     torch.manual_seed(seed)
     init = init or run / "sft"
     tokenizer = load_tokenizer(run / "sft")
-    examples = load_examples(run, tokenizer, label)
+    examples = load_examples(run, tokenizer, label, start_state)
     train = [e for e in examples if e.group % 10 != 0]  # every 10th problem held out
     held_out = [e for e in examples if e.group % 10 == 0]
     model = ValueModel.from_pretrained(init)
@@ -176,7 +203,11 @@ def run_probe(run: Path, label: str, init: Path | None, epochs: int, lr: float,
         print(json.dumps(history[-1]), flush=True)
     if save is not None:  # e.g. to search with it: oreo-fast eval --value SAVE
         model.save_pretrained(save, tokenizer)
-    return {"label": label, "run": str(run), "init": str(init), "epochs": epochs, "lr": lr,
+    # how it fits the states it trained on (a tenth of the problems, as many as held out): a
+    # value trained for OREO reads those
+    fit = evaluate(model, [e for e in train if e.group % 10 == 1])
+    return {"label": label, "start_state": start_state, "run": str(run), "init": str(init),
+            "epochs": epochs, "lr": lr, "train_fit": fit,
             "batch_size": batch_size, "train_trajectories": len(train),
             "held_out_trajectories": len(held_out), "history": history,
             "environment": environment(torch.device("cpu")), "date": time.strftime("%Y-%m-%d")}
@@ -192,9 +223,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, help="results JSON")
     parser.add_argument("--save", type=Path, help="save the trained value model here")
+    parser.add_argument("--start-state", action="store_true",
+                        help="also train the state before the first line (OREO's step level"
+                             " reads V there: needed for a value to train OREO with)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    result = run_probe(args.run, args.label, args.init, args.epochs, args.lr, save=args.save)
+    result = run_probe(args.run, args.label, args.init, args.epochs, args.lr, save=args.save,
+                       start_state=args.start_state)
     if args.out:
         from oreo_fast.io import write_json
 

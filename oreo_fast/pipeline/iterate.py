@@ -29,16 +29,17 @@ from oreo_fast.models import check_device_and_dtype, resolve_device
 from oreo_fast.sampling import check_sampling
 
 
-def launch_training(overrides: list[str], nproc: int, log_path: Path, threads: int = 0) -> None:
-    """Run ``python -m oreo_fast.train`` in a subprocess: through torchrun when nproc > 1. The log goes
-    to ``log_path``; a failure raises with the end of the log. ``threads`` > 0 sets
+def launch_training(overrides: list[str], nproc: int, log_path: Path, threads: int = 0,
+                    module: str = "oreo_fast.train") -> None:
+    """Run ``python -m oreo_fast.train`` in a subprocess: through torchrun when nproc > 1. The
+    log goes to ``log_path``; a failure raises with the end of the log. ``threads`` > 0 sets
     OMP_NUM_THREADS for the workers; 0 leaves the environment's (torchrun sets 1 per worker
-    when nothing is set)."""
+    when nothing is set). ``module``: another entry that wraps the trainer (an experiment's)."""
     if nproc > 1:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               f"--nproc_per_node={nproc}", "-m", "oreo_fast.train", *overrides]
+               f"--nproc_per_node={nproc}", "-m", module, *overrides]
     else:
-        cmd = [sys.executable, "-m", "oreo_fast.train", *overrides]
+        cmd = [sys.executable, "-m", module, *overrides]
     env = dict(os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {}))
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "w", encoding="utf-8") as log:

@@ -39,3 +39,28 @@ def test_the_demo_setting_is_read_from_the_demo_run(tmp_path, monkeypatch):
     result = json.loads(out.read_text())
     assert result["configs"]["demo"]["mean_val_accuracy"] == 0.5
     assert result["best"] == "demo" and "torch" in result and result["split"] == "validation"
+
+
+def test_the_oracle_value_runs_through_its_own_entry_on_the_whole_data(tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    run.mkdir()
+    write_jsonl(run / "trajectories.jsonl", _records())
+    launched = []
+
+    def fake_launch(args, nproc, log, threads, module):
+        launched.append((args, module))
+        raise RuntimeError("stop after the launch")
+
+    monkeypatch.setattr(tune, "launch_training", fake_launch)
+    with pytest.raises(RuntimeError, match="stop after"):
+        tune.train_and_score(run, "oreo", "oracle", [tune.ORACLE_VALUE, "level=step"], 0, 2, 1,
+                             tmp_path / "work")
+    (args, module), = launched
+    assert module == "experiments.oracle_value"
+    assert args[0] == f"gold={run / 'default' / 'train.jsonl'}"  # the oracle's own argument
+    assert f"train_file={run / 'trajectories.jsonl'}" in args  # the data are not filtered
+    assert args[-1] == "level=step"
+    assert tune.ablated_data(run / "trajectories.jsonl", [tune.ORACLE_VALUE],
+                             tmp_path / "x.jsonl") == run / "trajectories.jsonl"
+    with pytest.raises(ValueError, match="only OREO"):
+        tune.train_and_score(run, "rft", "oracle", [tune.ORACLE_VALUE], 0, 1, 1, tmp_path / "w")

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from oreo_fast import models
-from oreo_fast.models import TinyModelConfig, build_tiny_model, load_policy, resolve_device
+from oreo_fast.models import TinyModelConfig, load_policy, resolve_device
 from oreo_fast.pipeline.embedded import EmbeddedConfig, build_default
 from oreo_fast.pipeline.sft import IGNORE, SFTConfig, collate_sft_batch, run_sft, sft_step_loss
 from oreo_fast.tasks import ArithmeticConfig
