@@ -24,10 +24,11 @@ trajectories), so a value that only knows how hard a problem is scores 0.5.
 ``--run`` is a ``make demo`` folder (``default/train.jsonl`` with the gold solutions,
 ``trajectories.jsonl``, ``sft/``); ``--init`` another checkpoint to start the value from.
 
-An oracle value for OREO: ``--label prefix_correct --start-state --save DIR`` regresses the
-value on the prefix label at every state OREO's step level reads (the prompt's end included),
-and ``oreo-fast train value=DIR level=step`` then trains the policy against it (a very small
-``value_lr`` keeps it fixed): the upper bound of what a working value gives.
+A value model for OREO learned from the prefix label: ``--label prefix_correct --start-state
+--save DIR`` regresses it at every state OREO's step level reads (the prompt's end included),
+and ``oreo-fast train value=DIR level=step`` then starts OREO's value from it (a very small
+``value_lr`` keeps it fixed). It is only as good as its fit (``train_fit``, and the held-out
+``history``); ``experiments.oracle_value`` gives OREO the exact label instead.
 """
 from __future__ import annotations
 
