@@ -1,11 +1,12 @@
 """Where greedy answers go wrong: each wrong prediction's first wrong line, by kind.
 
-Reads the predictions ``oreo-fast eval --predictions FILE`` writes and the problems they
-answer (``id``, ``question``, ``answer``: the gold solution), and files every wrong answer
+Reads the predictions ``oreo-fast eval --predictions FILE`` writes (or sampled trajectories,
+whose ``reward`` says which are right) and the problems they answer (``id``, ``question``, ``answer``: the gold solution), and files every wrong answer
 under the category of its first line that leaves the gold solution
-(``experiments.oreo_diagnostics.line_categories``): ``first_wrong_misread`` (it uses a
-distractor's number: the demonstrator's habit) or ``first_wrong_other`` (any other error,
-such as a wrong operand that no sentence states); and by where that line is: the step right
+(``experiments.oreo_diagnostics.line_categories``): ``misread`` (it uses a distractor's
+number: the demonstrator's habit), ``wrong_operand`` (the gold line's operation on the right
+running value, with a number the question does not give for that step) or ``other``; and by
+where that line is: the step right
 after the distractor sentence (``at_distractor``), another step of a problem with a
 distractor (``elsewhere``), or a problem without one (``without_distractor``).
 
@@ -22,15 +23,29 @@ from collections import Counter
 from pathlib import Path
 
 from experiments.oreo_diagnostics import distractor_numbers, line_categories
+from experiments.value_probe import SOLUTION_LINE
 from experiments.sft_seeds import has_distractor
 from oreo_fast.io import read_jsonl, write_json
+
+
+def _kind(category: str, response: str, gold: str, line: int) -> str:
+    """``misread``; ``wrong_operand`` (the gold line's operation and running value with
+    another operand); or ``other``."""
+    if category == "first_wrong_misread":
+        return "misread"
+    gold_lines = gold.strip().split("\n")
+    mine = SOLUTION_LINE.match(response.split("\n")[line])
+    theirs = SOLUTION_LINE.match(gold_lines[line]) if line < len(gold_lines) else None
+    if mine and theirs and mine.group(1, 2) == theirs.group(1, 2) and mine[3] != theirs[3]:
+        return "wrong_operand"
+    return "other"
 
 
 def first_errors(problems: dict[str, dict], predictions: list[dict]) -> dict:
     """Counts of the wrong predictions by the category of their first wrong line."""
     counts, wrong = Counter(), 0
     for p in predictions:
-        if p["correct"]:
+        if p["correct"] if "correct" in p else p["reward"] > 0.5:  # a prediction, a sample
             continue
         wrong += 1
         problem = problems[p["problem_id"]]
@@ -45,7 +60,7 @@ def first_errors(problems: dict[str, dict], predictions: list[dict]) -> dict:
             steps = distractor_numbers(problem["question"],
                                        len(problem["answer"].strip().split("\n")) - 1)
             where = "at_distractor" if line in steps or None in steps else "elsewhere"
-        counts[f"{categories[line]}/{where}"] += 1
+        counts[f"{_kind(categories[line], p['response'], problem['answer'], line)}/{where}"] += 1
     return {"problems": len(predictions), "wrong": wrong,
             "accuracy": 1 - wrong / len(predictions) if predictions else float("nan"),
             "first_wrong_line": dict(sorted(counts.items()))}

@@ -49,7 +49,7 @@ from pathlib import Path
 
 import torch
 
-from experiments.value_probe import _LINE, _pad, sibling_preference, step_labels
+from experiments.value_probe import SOLUTION_LINE, _pad, sibling_preference, step_labels
 
 CATEGORIES = ("correct", "wrong_prefix_correct", "first_wrong_misread", "first_wrong_other",
               "after_first_wrong")
@@ -89,8 +89,8 @@ def line_categories(question: str, response: str, gold: str, reward: float) -> l
             out.append("after_first_wrong")
         else:
             seen_wrong = True
-            mine = _LINE.match(line)
-            theirs = _LINE.match(gold_lines[k]) if k < len(gold_lines) else None
+            mine = SOLUTION_LINE.match(line)
+            theirs = SOLUTION_LINE.match(gold_lines[k]) if k < len(gold_lines) else None
             numbers = distractors.get(k, set()) | distractors.get(None, set())
             misread = (mine is not None and int(mine[3]) in numbers
                        and (theirs is None or theirs[3] != mine[3]))

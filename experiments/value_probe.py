@@ -44,7 +44,7 @@ import torch
 
 LABELS = ("outcome", "prefix_correct", "line_arithmetic", "result_parity")
 # a solution line, after the sentence it cites ("Add 7: 12 + 7 = 19"; older files: no citation)
-_LINE = re.compile(r"(?:[^:\n]*: )?(\d+) ([-+*/]) (\d+) = (\d+)$")
+SOLUTION_LINE = re.compile(r"(?:[^:\n]*: )?(\d+) ([-+*/]) (\d+) = (\d+)$")
 _APPLY = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b,
           "/": lambda a, b: a // b if a % b == 0 else None}
 
@@ -62,7 +62,7 @@ def step_labels(response: str, gold: str, reward: float, label: str) -> list[flo
         elif label == "prefix_correct":
             labels.append(float(lines[:k] == gold_lines[:k]))
         elif label == "line_arithmetic":
-            m = _LINE.match(line)
+            m = SOLUTION_LINE.match(line)
             right = m is not None and _APPLY[m[2]](int(m[1]), int(m[3])) == int(m[4])
             labels.append(float(right))
         else:

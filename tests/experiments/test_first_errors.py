@@ -26,17 +26,24 @@ PREDICTIONS = [
     # an arithmetic slip before the distractor
     _prediction("d", "Subtract 9: 10 - 9 = 2\nAdd 8: 2 + 8 = 10\n#### 10"),
     _prediction("p", "Multiply by 3: 4 * 3 = 13\nAdd 2: 13 + 2 = 15\n#### 15"),
+    # the right operation on the right running value, with another number
+    _prediction("p", "Multiply by 2: 4 * 2 = 8\nAdd 2: 8 + 2 = 10\n#### 10"),
 ]
 
 
 def test_each_wrong_answer_is_filed_once_by_its_first_wrong_line():
     result = first_errors(PROBLEMS, PREDICTIONS)
-    assert result["problems"] == 5 and result["wrong"] == 4
-    assert result["accuracy"] == pytest.approx(0.2)
-    assert result["first_wrong_line"] == {"first_wrong_misread/at_distractor": 1,
-                                          "first_wrong_other/at_distractor": 1,
-                                          "first_wrong_other/elsewhere": 1,
-                                          "first_wrong_other/without_distractor": 1}
+    assert result["problems"] == 6 and result["wrong"] == 5
+    assert result["accuracy"] == pytest.approx(1 / 6)
+    assert result["first_wrong_line"] == {"misread/at_distractor": 1,
+                                          "wrong_operand/at_distractor": 1,
+                                          "other/elsewhere": 1,
+                                          "other/without_distractor": 1,
+                                          "wrong_operand/without_distractor": 1}
+    # sampled trajectories say it with their reward
+    samples = [{"problem_id": p["problem_id"], "response": p["response"],
+                "reward": int(p["correct"])} for p in PREDICTIONS]
+    assert first_errors(PROBLEMS, samples) == result
 
 
 def test_main_writes_each_model(tmp_path, capsys):
@@ -47,6 +54,6 @@ def test_main_writes_each_model(tmp_path, capsys):
     assert main(["--problems", str(problems), "--predictions", f"oreo={preds}",
                  "--out", str(out)]) == 0
     result = json.loads(out.read_text())
-    assert result["models"]["oreo"]["wrong"] == 4 and "oreo: 4 wrong of 5" in capsys.readouterr().out
+    assert result["models"]["oreo"]["wrong"] == 5 and "oreo: 5 wrong of 6" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         main(["--problems", str(problems), "--predictions", str(preds)])
