@@ -100,8 +100,13 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("an oracle value needs algorithm=oreo")
     tokenizer = load_tokenizer(cfg.policy, trust_remote_code=cfg.trust_remote_code)
     OracleValues.table = oracle_table(cfg, tokenizer, gold_file)
-    step.Values = OracleValues  # what OreoStep wraps its value model in
-    return trainer.main(overrides)
+    # what OreoStep wraps its value model in; restored after, for a caller that trains again
+    # in the same process (a test)
+    learned, step.Values = step.Values, OracleValues
+    try:
+        return trainer.main(overrides)
+    finally:
+        step.Values, OracleValues.table = learned, {}
 
 
 if __name__ == "__main__":

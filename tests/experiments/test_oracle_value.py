@@ -9,7 +9,9 @@ from experiments.oracle_value import OracleValues, main, oracle_table, prefix_va
 from oreo_fast.models import TinyModelConfig, ValueModel, build_tiny_model, save_model
 from oreo_fast.tokenizer import build_tokenizer
 from oreo_fast.train.config import load_train_config
+from oreo_fast.train import step
 from oreo_fast.train.data import collate_examples, read_training_examples
+from oreo_fast.train.parallelize import Values
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -105,5 +107,7 @@ def test_oreo_trains_against_the_oracle_end_to_end(oracle_run, capsys):
     assert all(r["first_value"] == pytest.approx(1.0) for r in rows)
     assert all(r["value_grad_norm"] == 0 for r in rows)
     assert (out / "policy" / "config.json").exists()
+    # the trainer's own value wrapper is back: later training in this process learns its value
+    assert step.Values is Values and OracleValues.table == {}
     with pytest.raises(SystemExit, match="usage"):
         main([f"policy={root / 'sft'}"])
