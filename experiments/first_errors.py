@@ -1,14 +1,14 @@
 """Where greedy answers go wrong: each wrong prediction's first wrong line, by kind.
 
 Reads the predictions ``oreo-fast eval --predictions FILE`` writes (or sampled trajectories,
-whose ``reward`` says which are right) and the problems they answer (``id``, ``question``, ``answer``: the gold solution), and files every wrong answer
-under the category of its first line that leaves the gold solution
-(``experiments.oreo_diagnostics.line_categories``): ``misread`` (it uses a distractor's
-number: the demonstrator's habit), ``wrong_operand`` (the gold line's operation on the right
-running value, with a number the question does not give for that step) or ``other``; and by
-where that line is: the step right
-after the distractor sentence (``at_distractor``), another step of a problem with a
-distractor (``elsewhere``), or a problem without one (``without_distractor``).
+whose ``reward`` says which are right) and the problems they answer (``id``, ``question``,
+``answer``: the gold solution). Every wrong answer is filed under its first line that leaves
+the gold solution (``experiments.oreo_diagnostics.line_categories``), by kind: ``misread``
+(it uses a distractor's number: the demonstrator's habit), ``wrong_operand`` (the gold line's
+operation on the right running value, with a number the question does not give for that
+step) or ``other``; and by place: the step right after the distractor sentence
+(``at_distractor``), another step of a problem with a distractor (``elsewhere``), or a problem
+without one (``without_distractor``).
 
     oreo-fast eval --model RUN/oreo/policy --problems RUN/default/val.jsonl --n-samples 0 \\
         --out /tmp/e.json --predictions /tmp/oreo.jsonl
@@ -23,17 +23,16 @@ from collections import Counter
 from pathlib import Path
 
 from experiments.oreo_diagnostics import distractor_numbers, line_categories
-from experiments.value_probe import SOLUTION_LINE
 from experiments.sft_seeds import has_distractor
+from experiments.value_probe import SOLUTION_LINE
 from oreo_fast.io import read_jsonl, write_json
 
 
-def _kind(category: str, response: str, gold: str, line: int) -> str:
+def _kind(category: str, response: str, gold_lines: list[str], line: int) -> str:
     """``misread``; ``wrong_operand`` (the gold line's operation and running value with
     another operand); or ``other``."""
     if category == "first_wrong_misread":
         return "misread"
-    gold_lines = gold.strip().split("\n")
     mine = SOLUTION_LINE.match(response.split("\n")[line])
     theirs = SOLUTION_LINE.match(gold_lines[line]) if line < len(gold_lines) else None
     if mine and theirs and mine.group(1, 2) == theirs.group(1, 2) and mine[3] != theirs[3]:
@@ -54,13 +53,13 @@ def first_errors(problems: dict[str, dict], predictions: list[dict]) -> dict:
         if line is None:
             counts["no_wrong_line"] += 1
             continue
+        gold_lines = problem["answer"].strip().split("\n")
         if not has_distractor(problem["question"]):
             where = "without_distractor"
         else:  # the line right after the distractor sentence, or another one
-            steps = distractor_numbers(problem["question"],
-                                       len(problem["answer"].strip().split("\n")) - 1)
+            steps = distractor_numbers(problem["question"], len(gold_lines) - 1)
             where = "at_distractor" if line in steps or None in steps else "elsewhere"
-        counts[f"{_kind(categories[line], p['response'], problem['answer'], line)}/{where}"] += 1
+        counts[f"{_kind(categories[line], p['response'], gold_lines, line)}/{where}"] += 1
     return {"problems": len(predictions), "wrong": wrong,
             "accuracy": 1 - wrong / len(predictions) if predictions else float("nan"),
             "first_wrong_line": dict(sorted(counts.items()))}

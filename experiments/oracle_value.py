@@ -47,11 +47,14 @@ def oracle_table(cfg, tokenizer, gold_file) -> dict[tuple[int, ...], list[float]
     gold = {r["id"]: r["answer"] for _, r in read_jsonl(gold_file)}
     layout = Layout.of(tokenizer, cfg.prompt_format)
     delimiters = cfg.step_delimiters or ["\n"]
-    gold_by_prompt = {}  # the prompt's token ids -> the gold trajectory's token ids
+    gold_by_prompt, seen = {}, set()  # the prompt's token ids -> the gold trajectory's ids
     for lineno, record in read_jsonl(cfg.train_file):
         if record["problem_id"] not in gold:
             raise ValueError(f"{cfg.train_file}:{lineno}: problem_id "
                              f"{record['problem_id']!r} has no gold solution in {gold_file}")
+        if (record["prompt"], record["problem_id"]) in seen:  # a problem's other samples
+            continue
+        seen.add((record["prompt"], record["problem_id"]))
         example = tokenize_trajectory(tokenizer, record["prompt"],
                                       [("assistant", gold[record["problem_id"]])], 1.0,
                                       10 ** 9, delimiters, layout=layout)
